@@ -93,6 +93,14 @@ class Arith:
     def to_storage(self, x):
         return self.xp.asarray(self.xp.astype(x, self.dtype) if self.low else x)
 
+    def dscalar(self, x):
+        """A3.3: an added constant or an ``add`` alpha. For a 16-bit tensor PyTorch converts it
+        to the tensor's own dtype first (a factor stays float32), so round to D, then widen."""
+        if not self.low:
+            return x
+        xp = self.xp
+        return xp.astype(xp.astype(xp.asarray(x, dtype=self.sdtype, device=self.device), self.dtype), self.work)
+
     def scalar(self, x):
         """A4: a scalar computed in the scalar dtype, rounded to W where it is applied."""
         return self.xp.astype(x, self.work)
@@ -120,6 +128,11 @@ def trailing_mean(xp, x, torch_empty_axis_mean: bool):
     if torch_empty_axis_mean:
         return xp.mean(x, axis=None, keepdims=True) if x.ndim else xp.mean(x)
     return x
+
+
+def self_lerp(xp, x):
+    """Q1: the reference interpolates a tensor with itself; ``x - x`` is NaN where x is infinite."""
+    return xp.where(xp.isinf(x), xp.asarray(xp.nan, dtype=x.dtype, device=aac.device(x)), x)
 
 
 def normalizer_std(xp, x, channels: bool):

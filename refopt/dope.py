@@ -4,7 +4,7 @@ from __future__ import annotations
 import math
 
 from . import _validate as v
-from ._arrays import Arith, normalizer_std, trailing_mean
+from ._arrays import Arith, normalizer_std, self_lerp, trailing_mean
 from ._base import Optimizer
 from ._state import DOPEState
 
@@ -78,11 +78,11 @@ class DOPE(Optimizer):
         if a > 0:  # D2
             s = normalizer_std(xp, g, h["normalize_channels"])
             if s is not None:
-                g_hat = rd(g / rd(rd(s) + 1e-8))
-                g = g_hat if q.aliased_lerp else rd(g + a * (g_hat - g))
-        if h["clip"] > 0:  # D3: per tensor, always multiplied, NaN norms propagate
+                g_hat = rd(g / rd(rd(s) + A.dscalar(1e-8)))
+                g = self_lerp(xp, g_hat) if q.aliased_lerp else rd(g + a * (g_hat - g))
+        if h["clip"] > 0:  # D3: per tensor, always multiplied, NaN norms propagate; clip/x is 1/x then *clip (torch)
             norm = rd(xp.sqrt(xp.sum(g * g)))
-            coef = xp.minimum(rd(h["clip"] / rd(norm + 1e-6)), xp.asarray(1.0, dtype=A.work, device=A.device))
+            coef = xp.minimum(rd(rd(1.0 / rd(norm + A.dscalar(1e-6))) * h["clip"]), xp.asarray(1.0, dtype=A.work, device=A.device))
             g = rd(g * coef)
 
         fim = rd(rd(fim * b2) + (1.0 - b2) * g * g)  # D4: b2 with fim ...
@@ -97,22 +97,22 @@ class DOPE(Optimizer):
         else:
             eps_hat = A.scalar(xp.maximum(xp.asarray(h["eps_floor"], dtype=A.sdtype, device=A.device),
                                           h["eps"] * xp.sqrt(t)))
-        denom = rd(rd(rd(xp.sqrt(fim)) / A.scalar(xp.sqrt(bc2))) + eps_hat)  # D7
-        denom_diff = rd(rd(rd(rd(xp.sqrt(fim_diff)) / A.scalar(xp.sqrt(bc1))) * h["diff_mult"]) + h["eps2"])
+        denom = rd(rd(rd(xp.sqrt(fim)) / A.scalar(xp.sqrt(bc2))) + A.dscalar(eps_hat))  # D7
+        denom_diff = rd(rd(rd(rd(xp.sqrt(fim_diff)) / A.scalar(xp.sqrt(bc1))) * h["diff_mult"]) + A.dscalar(h["eps2"]))
         u = rd(rd(g / denom) / denom_diff)  # D8: two divisions, in this order
 
         mars = h["gamma"] * (b1 / (1.0 - b1))  # D9: a Python float, as in the reference
         u = rd(u + rd(mars * (prev if q.mars_current_grad else g_prev)))
         c_t = u
 
-        exp_avg = rd(rd(exp_avg * mb) + (1.0 - mb) * u)  # D10: centred value is the state
+        exp_avg = rd(rd(exp_avg * mb) + A.dscalar(1.0 - mb) * u)  # D10: centred value is the state
         exp_avg = rd(exp_avg - rd(trailing_mean(xp, exp_avg, q.torch_empty_axis_mean)))
 
         u = rd(u + rd(exp_avg * self._amplification(A, state.step)))  # D11
 
         if h["cautious"]:  # D12
             ref = prev if q.cautious_processed_grad else c_t
-            pos = (u * ref) > 0
+            pos = rd(u * ref) > 0
             scale = self._cautious_scale(A, pos, math.prod(param.shape))
             mask = rd(xp.where(pos, xp.ones_like(u), xp.zeros_like(u)) * scale)
             u = rd(u * mask)
@@ -120,8 +120,8 @@ class DOPE(Optimizer):
         wd = h["weight_decay"]
         if wd > 0:  # D13: pre-update p, the same denominators as D7
             w = rd(rd(p / denom) / denom_diff)
-            p = rd(p + (-h["lr"] * wd) * w)
-        p = rd(p + (-h["lr"]) * u)  # D14
+            p = rd(p + A.dscalar(-h["lr"] * wd) * w)
+        p = rd(p + A.dscalar(-h["lr"]) * u)  # D14
         return A.to_storage(p), DOPEState(step, *(A.to_storage(x) for x in (exp_avg, fim, fim_diff, prev)))
 
     def _amplification(self, A, step):

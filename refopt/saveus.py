@@ -2,7 +2,7 @@
 from __future__ import annotations
 
 from . import _validate as v
-from ._arrays import Arith, normalizer_std, trailing_mean
+from ._arrays import Arith, normalizer_std, self_lerp, trailing_mean
 from ._base import Optimizer
 from ._state import SAVEUSState
 
@@ -75,22 +75,22 @@ class SAVEUS(Optimizer):
         if a != 0:  # S2 (value only switches the clause on while aliased_lerp holds)
             s = normalizer_std(xp, g, h["normalize_channels"])
             if s is not None:
-                g_hat = rd(g / rd(rd(s) + 1e-8))
-                g = g_hat if q.aliased_lerp else rd(g + a * (g_hat - g))
+                g_hat = rd(g / rd(rd(s) + A.dscalar(1e-8)))
+                g = self_lerp(xp, g_hat) if q.aliased_lerp else rd(g + a * (g_hat - g))
 
         bc2_sqrt = xp.sqrt(A.one_minus_pow(b2, t))  # S3, scalar dtype
         step_size = h["lr"] / A.one_minus_pow(b1, t)
 
-        ema = rd(rd(ema * b1) + (1.0 - b1) * g)  # S4
-        g = rd(g + h["amp_fac"] * ema)  # S5: the new ema, not bias-corrected
+        ema = rd(rd(ema * b1) + A.dscalar(1.0 - b1) * g)  # S4
+        g = rd(g + A.dscalar(h["amp_fac"]) * ema)  # S5: the new ema, not bias-corrected
         ema_sq = rd(rd(ema_sq * b2) + (1.0 - b2) * g * g)  # S6: of the amplified g
-        denom = rd(rd(rd(xp.sqrt(ema_sq)) / A.scalar(bc2_sqrt)) + h["eps"])  # S7
+        denom = rd(rd(rd(xp.sqrt(ema_sq)) / A.scalar(bc2_sqrt)) + A.dscalar(h["eps"]))  # S7
 
         wd = h["weight_decay"]
         if h["decouple_weight_decay"] and wd != 0:  # S8 decoupled: step_size includes 1/bc1
             p = rd(p * A.scalar(1.0 - step_size * wd))
         elif wd != 0:  # S8 coupled: after S6, so neither amplified nor in ema_squared
-            g = rd(g + wd * p)
+            g = rd(g + A.dscalar(wd) * p)
 
         if h["clip_gradients"] and h["clip_lambda"] is not None:  # S9: clips the final direction
             lim = A.scalar(xp.asarray(h["clip_lambda"](t), dtype=A.sdtype, device=A.device))
