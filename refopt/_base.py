@@ -73,7 +73,7 @@ class Optimizer:
         if self.check_finite:
             _validate.finite_inputs(self.name, xp, param, grad)
         if math.prod(param.shape) == 0:  # A6: nothing to update, only the count moves
-            return param, state._replace(step=state.step + 1)
+            return param, state._replace(step=xp.asarray(state.step + 1))
         return self._update(param, grad, state)
 
     def _update(self, param, grad, state):  # pragma: no cover - overridden

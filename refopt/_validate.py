@@ -62,6 +62,9 @@ def step_inputs(optimizer: str, state_type, param, grad, state):
     arrays = [("param", param), ("grad", grad)] + [
         (f"state.{k}", getattr(state, k)) for k in state_type._fields if k != "step"
     ]
+    for what, x in arrays[2:] + [("state.step", state.step)]:
+        if not aac.is_array_api_obj(x):
+            raise TypeError(f"{optimizer}.step: {what} must be an array, got {type(x).__name__}")
     try:
         xp = namespace(*(a for _, a in arrays), state.step)
     except TypeError as exc:

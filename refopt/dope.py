@@ -68,7 +68,7 @@ class DOPE(Optimizer):
         p, g = A.to_work(param), A.to_work(grad)
         exp_avg, fim = A.to_work(state.exp_avg), A.to_work(state.fim)
         fim_diff, prev = A.to_work(state.fim_diff), A.to_work(state.prev_grad)
-        step = state.step + 1  # D0
+        step = xp.asarray(state.step + 1)  # D0 (NumPy would give a scalar)
         t = A.step_count(state.step)
 
         c = h["centralization"]

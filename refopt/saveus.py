@@ -65,7 +65,7 @@ class SAVEUS(Optimizer):
         b1, b2 = h["betas"]
         p, g = A.to_work(param), A.to_work(grad)
         ema, ema_sq = A.to_work(state.ema), A.to_work(state.ema_squared)
-        step = state.step + 1  # S0
+        step = xp.asarray(state.step + 1)  # S0 (NumPy would give a scalar)
         t = A.step_count(state.step)
 
         c = h["centralization"]
