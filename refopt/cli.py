@@ -1,0 +1,247 @@
+"""The ``refopt`` command: ``refopt check`` (conformance) and ``refopt vectors generate``.
+
+Exit status: 0 every selected vector passed; 1 some vector failed; 2 usage, configuration or
+vector-file error (one line on stderr, no traceback).
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+import warnings
+
+from .conformance.ports import ConfigError
+
+EXIT_OK, EXIT_FAIL, EXIT_CONFIG = 0, 1, 2
+OPTIMIZERS = ("saveus", "dope")
+DTYPES = ("float16", "bfloat16", "float32", "float64")
+PROFILES = ("reference", "documented")
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message):  # usage errors: one line, status 2
+        self.print_usage(sys.stderr)
+        raise _Usage(f"{self.prog}: error: {message}")
+
+
+class _Usage(Exception):
+    pass
+
+
+def _csv(choices):
+    def parse(text):
+        items = [x.strip() for x in text.split(",") if x.strip()]
+        bad = [x for x in items if x not in choices]
+        if bad or not items:
+            raise argparse.ArgumentTypeError(f"invalid choice {text!r} (choose from {', '.join(choices)})")
+        return items
+    return parse
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = _Parser(prog="refopt", description="SAVEUS/DOPE reference: conformance checks and golden vectors.")
+    sub = p.add_subparsers(dest="command", required=True, parser_class=_Parser)
+
+    c = sub.add_parser("check", help="run the golden vectors on refopt's backends or on a port",
+                       description="Run the golden vectors on every installed refopt backend, or on a port "
+                                   "(--port). Exit 0 all passed, 1 some failed, 2 usage/configuration/vector error.")
+    c.add_argument("--port", action="append", default=[], metavar="KIND:MODULE:NAME",
+                   help="a port to check instead of refopt itself: torch:MODULE:CLASS (a torch.optim.Optimizer), "
+                        "optax:MODULE:FACTORY (returns a GradientTransformation) or python:MODULE:FUNCTION "
+                        "(fn(optimizer, param, grad, state, hparams) -> (param, state)); repeatable")
+    c.add_argument("--hparam-map", metavar="OLD=NEW,...", help="rename reference hyperparameters for the port")
+    c.add_argument("--optimizer", type=_csv(OPTIMIZERS), help="saveus, dope (comma list)")
+    c.add_argument("--dtype", type=_csv(DTYPES), help="float16, bfloat16, float32, float64 (comma list)")
+    c.add_argument("--profile", type=_csv(PROFILES),
+                   help="vectors of these profiles; a port is checked against one profile (default reference)")
+    c.add_argument("--ids", type=lambda s: [x.strip() for x in s.split(",") if x.strip()], metavar="ID,...",
+                   help="only these vector ids")
+    c.add_argument("--vectors", metavar="DIR", help="vector directory (default: the vectors shipped with refopt)")
+    c.add_argument("--backend", action="append", default=[], metavar="NAME",
+                   help="restrict refopt's own backends (numpy, array-api-strict, torch-cpu, torch-cuda, jax, "
+                        "cupy); repeatable. Without it jax (jit-compiled, ~1 s per compilation) runs a sample "
+                        "of the vectors; named here it runs all")
+    c.add_argument("--report", metavar="FILE.json", help="write a JSON report")
+    c.add_argument("--junit", metavar="FILE.xml", help="write JUnit XML (one testcase per vector x target)")
+    c.add_argument("--self-test", action="store_true",
+                   help="check that every known porting mistake (refopt.conformance.mutants) is rejected")
+    c.add_argument("--no-diagnose", action="store_true", help="skip the verdict search for failing vectors")
+    g = c.add_mutually_exclusive_group()
+    g.add_argument("-q", "--quiet", action="store_true", help="only the final line")
+    g.add_argument("-v", "--verbose", action="store_true", help="every case, and full diagnoses")
+
+    v = sub.add_parser("vectors", help="golden vector files")
+    vsub = v.add_subparsers(dest="vectors_command", required=True, parser_class=_Parser)
+    gen = vsub.add_parser("generate", help="regenerate the golden vectors")
+    gen.add_argument("--out", metavar="DIR", help="output directory (default: the repository's conformance/v1)")
+    gen.add_argument("--check", action="store_true", help="verify the committed files instead of writing")
+    return p
+
+
+def main(argv=None) -> int:
+    try:
+        args = build_parser().parse_args(argv)
+    except _Usage as exc:
+        print(exc, file=sys.stderr)
+        return EXIT_CONFIG
+    except SystemExit as exc:  # --help
+        return int(exc.code or 0)
+    if args.command == "vectors":
+        return _generate(args)
+    from .conformance.vectors import VectorFileError
+
+    with warnings.catch_warnings():
+        # NaN/inf and one-element std in vectors are expected (A2, A5): no warnings about them
+        warnings.filterwarnings("ignore", category=RuntimeWarning)
+        warnings.filterwarnings("ignore", message=".*degrees of freedom.*")
+        try:
+            return check(args)
+        except (ConfigError, VectorFileError) as exc:
+            print(f"refopt check: error: {exc}", file=sys.stderr)
+            return EXIT_CONFIG
+
+
+def _select(args):
+    from .conformance import vectors
+
+    return vectors.load(args.vectors, optimizer=args.optimizer, dtype=args.dtype, profile=args.profile,
+                        ids=args.ids)
+
+
+def _targets(args):
+    from .conformance import ports
+
+    hmap = ports.parse_hparam_map(args.hparam_map)
+    if args.port:
+        if args.backend:
+            raise ConfigError("--backend selects refopt's own backends; it cannot be combined with --port")
+        return [ports.make_port(spec, hmap, args.optimizer) for spec in args.port]
+    if args.hparam_map:
+        raise ConfigError("--hparam-map needs --port")
+    avail = ports.available_backends()
+    names = args.backend or list(avail)
+    unknown = [n for n in names if n not in avail]
+    if unknown:
+        raise ConfigError(f"--backend {unknown[0]!r} is not available here; available: {', '.join(avail)}")
+    targets = []
+    for n in names:
+        try:
+            # a compiled backend runs every vector only when named with --backend
+            targets.append(ports.CoreTarget(avail[n](), sample=not args.backend and n in ports.COMPILED))
+        except Exception as exc:  # noqa: BLE001 - e.g. a CUDA library without a device
+            if args.backend:
+                raise ConfigError(f"--backend {n}: cannot start ({exc})") from None
+    return targets
+
+
+def check(args) -> int:
+    from .conformance import diagnose, report, runner
+
+    t0 = time.perf_counter()
+    vecs = _select(args)
+    if args.self_test:
+        return _self_test(args, vecs, t0)
+    targets = _targets(args)
+    if args.port and args.profile and len(args.profile) > 1:
+        raise ConfigError("a port implements one profile: give one --profile with --port")
+    port_profile = args.profile[0] if args.profile else "reference"
+    pairs = runner.plan(vecs, targets, port_profile)
+    if not pairs:
+        raise ConfigError(f"no vector selected for the port: none of profile {port_profile!r} for the "
+                          f"optimizer it implements (see --profile, --optimizer)")
+    results = runner.run(pairs, progress=report.Progress())
+    extra = _port_args(args)
+    failed = [r for r in results if r.status == "failed"]
+    for i, r in enumerate(failed):
+        # the verdict search re-runs the vector ~30 times: bounded so a broken port stays quick
+        r.diagnosis = diagnose.diagnose(r, extra, search=not args.no_diagnose and i < 50)
+    elapsed = time.perf_counter() - t0
+    _print_results(args, results, elapsed)
+    _write_reports(args, results, elapsed)
+    if all(r.status == "skipped" for r in results):
+        raise ConfigError("every selected vector was skipped; nothing was checked")
+    return EXIT_FAIL if failed else EXIT_OK
+
+
+def _port_args(args) -> tuple:
+    out = []
+    if args.hparam_map:
+        out += ["--hparam-map", args.hparam_map]
+    if args.vectors:
+        out += ["--vectors", args.vectors]
+    if args.profile:
+        out += ["--profile", ",".join(args.profile)]
+    return tuple(out)
+
+
+def _print_results(args, results, elapsed):
+    from .conformance import report
+
+    out = sys.stdout
+    if args.verbose:
+        for r in results:
+            line = f"{r.status.upper():7s} {r.target.name}  {r.vector.id} {r.vector.name}"
+            print(line + (f"  ({r.message})" if r.message and r.status != "failed" else ""), file=out)
+    failed = [r for r in results if r.status == "failed"]
+    if not args.quiet:
+        for r in failed[: None if args.verbose else 10]:
+            print("FAILED " + (r.diagnosis.text() if r.diagnosis else f"{r.vector.id}: {r.message}"), file=out)
+        if len(failed) > 10 and not args.verbose:
+            print(f"... and {len(failed) - 10} more failing cases (-v lists all)", file=out)
+        print(report.summary_table(results, elapsed), file=out)
+    else:
+        n = {s: sum(r.status == s for r in results) for s in report.STATUSES}
+        print(f"{n['passed']} passed, {n['failed']} failed, {n['skipped']} skipped in {elapsed:.1f} s", file=out)
+
+
+def _write_reports(args, results, elapsed, extra=None):
+    from .conformance import report, vectors
+
+    vdir = args.vectors or str(vectors.default_dir())
+    try:
+        if args.report:
+            report.write_json(args.report, report.json_report(results, elapsed, vdir, extra))
+        if args.junit:
+            with open(args.junit, "wb") as f:
+                f.write(report.junit_xml(results, elapsed))
+    except OSError as exc:
+        raise ConfigError(f"cannot write report: {exc}") from None
+
+
+def _self_test(args, vecs, t0) -> int:
+    from .conformance import mutants, ports, report, runner
+
+    if args.port or args.backend:
+        raise ConfigError("--self-test checks refopt's own mistake catalogue; drop --port/--backend")
+    rows, all_results = [], []
+    for m in mutants.CATALOGUE:
+        target = ports.PythonPort(f"refopt.conformance.mutants:{m.name}", fn=mutants.port_function(m.name))
+        mine = [v for v in vecs if v.optimizer == m.optimizer]
+        results = runner.run(runner.plan(mine, [target], "reference"))
+        all_results += results
+        caught = [r.vector.id for r in results if r.status == "failed"]
+        rows.append({"mutant": m.name, "optimizer": m.optimizer, "clause": m.clause, "mistake": m.mistake,
+                     "detected": bool(caught), "caught_by": caught})
+    elapsed = time.perf_counter() - t0
+    detected = sum(r["detected"] for r in rows)
+    for r in rows:
+        if args.verbose or not r["detected"]:
+            state = f"caught by {len(r['caught_by'])} vector(s)" if r["detected"] else "SURVIVED"
+            print(f"{r['mutant']:36s} {r['clause']:18s} {state}", file=sys.stdout)
+    print(f"self-test: {detected}/{len(rows)} mutants detected in {elapsed:.1f} s", file=sys.stdout)
+    _write_reports(args, all_results, elapsed, {"self_test": rows})
+    return EXIT_OK if detected == len(rows) else EXIT_FAIL
+
+
+def _generate(args) -> int:
+    try:
+        from .conformance import generate
+    except ImportError as exc:
+        print(f"refopt vectors generate: error: {exc}", file=sys.stderr)
+        return EXIT_CONFIG
+    argv = (["--out", args.out] if args.out else []) + (["--check"] if args.check else [])
+    return int(generate.main(argv) or 0)
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())

@@ -1,0 +1,138 @@
+"""Why a vector failed: where it first diverged, and which clause or quirk the port most likely
+gets wrong.
+
+The verdict comes from re-running the vector on refopt's core (NumPy) in variants: every quirk the
+optimizer reads flipped one at a time, the other profile, and each known porting mistake in
+``mutants.CATALOGUE``. The variant whose trajectory the port's output matches (within the vector's
+own tolerance) names the likely fault: "this port matches the documented profile on aliased_lerp
+(Q1, clause S2)".
+"""
+from __future__ import annotations
+
+import dataclasses
+import math
+import shlex
+from dataclasses import dataclass
+
+from ..quirks import PROFILES, Quirks
+from . import mutants, ports
+from .runner import RELEVANT_QUIRKS, judge_outputs
+
+#: quirk -> (id, clauses), as in refopt/quirks.py
+QUIRK_IDS = {
+    "aliased_lerp": ("Q1", "S2, D2"),
+    "torch_empty_axis_mean": ("Q2", "A1; S1, D1, D10"),
+    "mars_current_grad": ("Q3", "D9"),
+    "lambda_scaled_amplification": ("Q4", "D11"),
+    "float32_scalars": ("Q5", "D11, D12"),
+    "cautious_processed_grad": ("Q6", "D12"),
+}
+
+
+@dataclass
+class Variant:
+    label: str  # what a matching port does, as a sentence fragment
+    make: object  # () -> optimizer
+
+
+@dataclass
+class Diagnosis:
+    vector_id: str
+    target: str
+    first_bad: dict | None
+    clauses: tuple
+    flags: tuple
+    reproduce: str
+    verdict: str
+    matches: list  # labels of the variants the port's output matches
+
+    def text(self) -> str:
+        lines = [f"{self.vector_id} on {self.target}"]
+        fb = self.first_bad
+        if fb:
+            where = f"{fb['what']}{fb['index']}" if fb["index"] is not None else fb["what"]
+            lines.append(f"  first divergence: step {fb['step']}, {where}: expected {fb['expected']!r}, "
+                         f"got {fb['actual']!r}")
+            lines.append(f"  {fb['reason']}")
+        lines.append(f"  clauses: {', '.join(self.clauses) or '-'}; flags: {', '.join(self.flags) or '-'}")
+        lines.append(f"  verdict: {self.verdict}")
+        lines.append(f"  reproduce: {self.reproduce}")
+        return "\n".join(lines)
+
+    def as_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+
+def variants(vector) -> list[Variant]:
+    """The core in every one-change variant of the vector's own configuration."""
+    h = vector.optimizer_hparams()
+    base = vector.make_reference()
+    cls = type(base)
+    q = Quirks(**{k: bool(v) for k, v in vector.quirks.items() if k in Quirks.names()}).as_dict()
+    out = []
+    for name in RELEVANT_QUIRKS[vector.optimizer]:
+        qid, clauses = QUIRK_IDS[name]
+        flipped = dict(q, **{name: not q[name]})
+        state = "documented" if flipped[name] == Quirks.for_profile("documented").as_dict()[name] else "reference"
+        out.append(Variant(f"the {state} profile on {name} ({qid}, clause {clauses})",
+                           lambda f=flipped: cls(**h, quirks=f)))
+    for profile in PROFILES:
+        if Quirks.for_profile(profile).as_dict() != q:
+            out.append(Variant(f"profile {profile!r} throughout", lambda p=profile: cls(**h, profile=p)))
+    for m in mutants.CATALOGUE:
+        if m.optimizer == vector.optimizer and not m.quirks:
+            out.append(Variant(f"the known mistake {m.name!r} (clause {m.clause}): {m.mistake}",
+                               lambda n=m.name: mutants.make_optimizer(n, h, q)))
+    return out
+
+
+def _score(vector, variant_outputs, port_outputs) -> tuple[bool, float]:
+    """Does the port's output match the variant's trajectory, judged with the vector's tolerance?"""
+    steps = []
+    for k, (var, _) in enumerate(zip(variant_outputs, port_outputs)):
+        st = vector.steps[k]
+        state = dict(st.state, **{n: var.state[n].astype("float64") for n in var.state})
+        steps.append(dataclasses.replace(st, param=var.param.astype("float64"), state=state))
+    fake = dataclasses.replace(vector, steps=tuple(steps))
+    status, worst, _, _, _ = judge_outputs(fake, port_outputs[: len(steps)])
+    return status == "passed", worst
+
+
+def verdict_for(vector, port_outputs) -> tuple[str, list]:
+    if not port_outputs:
+        return "the port produced no output to compare (see the message above)", []
+    core = ports.CoreTarget(ports._numpy_backend())
+    scored = []
+    for var in variants(vector):
+        try:
+            outs = core.run(vector, make=var.make)
+        except Exception:  # noqa: BLE001 - a variant that cannot run tells us nothing
+            continue
+        ok, worst = _score(vector, outs, port_outputs)
+        scored.append((not ok, worst if math.isfinite(worst) else math.inf, var.label))
+    matches = [label for bad, _, label in sorted(scored) if not bad]
+    if matches:
+        extra = f" (also consistent with: {'; '.join(matches[1:3])})" if len(matches) > 1 else ""
+        return f"this port matches {matches[0]}{extra}", matches
+    clauses = ", ".join(vector.clauses) or "the clauses listed above"
+    return f"no single known deviation explains it; check clauses {clauses} at the first divergence", []
+
+
+def reproduce(vector, target, argv_extra: tuple = ()) -> str:
+    if target.kind == "core":
+        args = ["refopt", "check", "--backend", target.backend.name]
+    else:
+        args = ["refopt", "check", "--port", target.spec]
+    return shlex.join([*args, *argv_extra, "--ids", vector.id, "-v"])
+
+
+def diagnose(result, argv_extra: tuple = (), search: bool = True) -> Diagnosis:
+    v, t = result.vector, result.target
+    if search:
+        verdict, matches = verdict_for(v, result.outputs)
+    else:
+        verdict, matches = "not searched", []
+    if not result.outputs and result.message:
+        verdict = f"the port failed before producing output: {result.message}"
+    return Diagnosis(v.id, t.name, result.first_bad, tuple(v.clauses), tuple(v.flags),
+                     reproduce(v, t, argv_extra), verdict, matches)

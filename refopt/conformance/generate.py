@@ -1,0 +1,263 @@
+"""Generate the golden vectors: ``python -m refopt.conformance.generate [--out DIR] [--check]``.
+
+Deterministic: every random number comes from a PCG64 seeded by the case name, every value is
+written as raw little-endian bytes, hyperparameters as the shortest round-trip decimal, keys in
+a fixed order. Running it twice, or on another machine, writes the same bytes.
+
+For each case (catalog.py):
+1. inputs: param0, the gradients and (for GivenState cases) a warm state, exact in the dtype;
+2. golden: the refopt core in float64 NumPy on those exact inputs (spec/tolerance.md);
+3. budgets: the same core on the Monte Carlo arithmetic namespace (mca.py), N samples;
+4. checks: goldens and budgets finite unless the case is about non-finite values.
+"""
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import pathlib
+import shutil
+import sys
+
+import numpy as np
+
+from .. import SPEC_VERSION
+from . import catalog, mca, tolerance
+from .encoding import encode, np_dtype
+from .vectors import (CHECKSUMS, FORMAT, FORMAT_VERSION, STATE_NAMES, VECTORS_SUBDIR, default_dir,
+                      hparams_from_json)
+
+SAMPLES = 32
+STATIC_FILES = ("schema.json", "FLAGS.md", "README.md")
+
+
+def case_seed(name: str, salt: str = "") -> int:
+    return int.from_bytes(hashlib.sha256(f"{salt}{name}".encode()).digest()[:8], "little")
+
+
+def _exact(x, dtype: str) -> np.ndarray:
+    """``x`` rounded to ``dtype`` (nearest), returned in that dtype."""
+    with np.errstate(over="ignore"):
+        return np.asarray(x, dtype=np.float64).astype(np_dtype(dtype))
+
+
+def _grads(case: catalog.Case, rng, steps: int) -> list:
+    shape, s = case.shape, case.scale
+    out = []
+    for i in range(steps):
+        g = rng.standard_normal(shape) * s
+        if case.grads == "underflow":  # magnitudes in [1, 3) * scale: none near zero
+            n = g / s
+            g = np.where(n < 0, -s, s) * (1.0 + np.minimum(np.abs(n), 1.99))
+        if case.grads in ("mixed", "underflow") and g.ndim:
+            rows = [1e-3, 1.0, 10.0, 0.1] if case.grads == "mixed" else [1.0, 1e12]
+            scales = np.array(rows)[np.arange(shape[0]) % len(rows)]
+            g = g * scales.reshape(-1, *(1,) * (g.ndim - 1))
+        elif case.grads == "zeros":
+            # exact zeros: the D12 test (u * g) > 0 sits exactly on its edge there
+            flat = g.reshape(-1).copy()
+            flat[:: 3] = 0.0
+            flat[1 + i % 2:: 5] = 0.0
+            g = flat.reshape(shape)
+        elif case.grads == "nonfinite" and i == 5:
+            g = g.copy()
+            g.reshape(-1)[g.size // 2] = np.nan
+        out.append(_exact(g, case.dtype))
+    return out
+
+
+def _initial_state(opt, param, state0):
+    """The optimizer state for ``param`` (float64 numpy): fresh, or from a state dict."""
+    state = opt.init(param)
+    if state0 is not None:
+        state = type(state)(**{k: (np.asarray(v, dtype=np.int64) if k == "step" else
+                                   np.asarray(v, dtype=np.float64)) for k, v in state0.items()})
+    return state
+
+
+def _golden(opt, param0, grads, state0) -> list:
+    p = np.asarray(param0, dtype=np.float64)
+    state = _initial_state(opt, p, state0)
+    out = []
+    with np.errstate(all="ignore"):
+        for g in grads:
+            p, state = opt.step(p, np.asarray(g, dtype=np.float64), state)
+            out.append((p, {k: (int(state.step) if k == "step" else getattr(state, k))
+                            for k in state._fields}))
+    return out
+
+
+def inputs(case: catalog.Case):
+    """(param0, grads, state0) of a case, exact in its dtype."""
+    rng = np.random.Generator(np.random.PCG64(case_seed(case.name)))
+    param0 = _exact(rng.standard_normal(case.shape) * case.pscale, case.dtype)
+    state0 = None
+    if case.warm:
+        opt = _optimizer(case)
+        warm = _golden(opt, param0, _grads(case, rng, case.warm), None)
+        p, st = warm[-1]
+        param0 = _exact(p, case.dtype)
+        state0 = {k: (v if k == "step" else _exact(v, case.dtype)) for k, v in st.items()}
+    return param0, _grads(case, rng, case.steps), state0
+
+
+def _optimizer(case):
+    import refopt
+
+    cls = refopt.SAVEUS if case.optimizer == "saveus" else refopt.DOPE
+    return cls(**hparams_from_json(case.optimizer, case.full_hparams()), profile=case.profile,
+               quirks=case.quirks or None)
+
+
+def vector_id(case, param0, grads, state0) -> str:
+    canon = {
+        "optimizer": case.optimizer, "profile": case.profile, "quirks": case.full_quirks(),
+        "hparams": case.full_hparams(), "dtype": case.dtype, "shape": list(case.shape),
+        "param0": encode(param0, case.dtype), "grads": [encode(g, case.dtype) for g in grads],
+        "state0": None if state0 is None else {k: (v if k == "step" else encode(v, case.dtype))
+                                              for k, v in state0.items()},
+    }
+    blob = json.dumps(canon, sort_keys=True, separators=(",", ":")).encode()
+    return f"{case.optimizer}-{hashlib.sha256(blob).hexdigest()[:12]}"
+
+
+def build(case: catalog.Case) -> tuple:
+    """(id, document) of one case."""
+    opt = _optimizer(case)
+    param0, grads, state0 = inputs(case)
+    gold = _golden(opt, param0, grads, state0)
+    seed = case_seed(case.name, "mca")
+    samples = mca.run(opt, param0, grads, dtype=case.dtype, state0=state0, samples=SAMPLES, seed=seed)
+    names = STATE_NAMES[case.optimizer]
+    steps = []
+    for i, ((gp, gs), (sp, ss)) in enumerate(zip(gold, samples)):
+        budget = mca.budget(sp, gp)
+        sbudget = {k: mca.budget(ss[k], gs[k]) for k in names}
+        _check(case, i, gp, budget, gs, sbudget)
+        steps.append({
+            "grad": encode(grads[i], case.dtype),
+            "param": encode(gp, "float64"),
+            "budget": encode(budget, "float64"),
+            "state": {"step": gs["step"], **{k: encode(gs[k], "float64") for k in names}},
+            "state_budget": {k: encode(sbudget[k], "float64") for k in names},
+        })
+    vid = vector_id(case, param0, grads, state0)
+    doc = {
+        "format": FORMAT,
+        "format_version": FORMAT_VERSION,
+        "spec_version": SPEC_VERSION,
+        "id": vid,
+        "name": case.name,
+        "description": case.describe(),
+        "optimizer": case.optimizer,
+        "profile": case.profile,
+        "quirks": case.full_quirks(),
+        "hparams": case.full_hparams(),
+        "dtype": case.dtype,
+        "shape": list(case.shape),
+        "clauses": list(catalog.clauses(case)),
+        "flags": list(case.all_flags()),
+        "tolerance": {"model": "mca-v1", "k": tolerance.K, "floor_ulps": tolerance.FLOOR_ULPS,
+                      "samples": SAMPLES, "estimator": "max-abs-deviation", "seed": seed},
+        "param0": encode(param0, case.dtype),
+        "state0": None if state0 is None else {
+            "step": state0["step"], **{k: encode(state0[k], case.dtype) for k in names}},
+        "steps": steps,
+    }
+    return vid, doc
+
+
+def _check(case, i, gp, budget, gs, sbudget):
+    """A golden must be usable: finite (unless the case is about NaN), with finite budgets."""
+    expect_nan = {"NaNChannel", "NonFiniteGrad"} & set(case.flags)
+    where = f"{case.name} step {i + 1}"
+    if not expect_nan and not np.all(np.isfinite(gp)):
+        raise RuntimeError(f"{where}: non-finite golden")
+    with np.errstate(over="ignore"):
+        if not expect_nan and not np.all(np.isfinite(gp.astype(np_dtype(case.dtype)))):
+            raise RuntimeError(f"{where}: golden overflows {case.dtype}")
+    for what, b in (("param", budget), *sbudget.items()):
+        if not np.all(np.isfinite(b)):
+            raise RuntimeError(f"{where}: {what} budget not finite (samples non-finite where the golden is not)")
+
+
+def render(doc: dict) -> bytes:
+    return (json.dumps(doc, indent=1, ensure_ascii=True) + "\n").encode("ascii")
+
+
+def generate(cases=None) -> dict:
+    """{relative path: bytes} of every vector file plus SHA256SUMS."""
+    files = {}
+    for case in cases if cases is not None else catalog.all_cases():
+        vid, doc = build(case)
+        path = f"{VECTORS_SUBDIR}/{vid}.json"
+        if path in files:
+            raise RuntimeError(f"{case.name}: id {vid} already used by another case (same inputs)")
+        files[path] = render(doc)
+    return files
+
+
+def checksums(files: dict) -> bytes:
+    return "".join(f"{hashlib.sha256(files[p]).hexdigest()}  {p}\n" for p in sorted(files)).encode("ascii")
+
+
+def write(out: pathlib.Path, files: dict) -> None:
+    vdir = out / VECTORS_SUBDIR
+    vdir.mkdir(parents=True, exist_ok=True)
+    for stale in vdir.glob("*.json"):
+        if f"{VECTORS_SUBDIR}/{stale.name}" not in files:
+            stale.unlink()
+    for path, data in files.items():
+        target = out / path
+        if not target.exists() or target.read_bytes() != data:
+            target.write_bytes(data)
+    src = default_dir()
+    for name in STATIC_FILES:
+        if (src / name).resolve() != (out / name).resolve() and (src / name).is_file():
+            shutil.copyfile(src / name, out / name)
+    (out / CHECKSUMS).write_bytes(checksums(files))
+
+
+def compare(out: pathlib.Path, files: dict) -> list:
+    """Differences between ``files`` and what is in ``out`` (empty when identical)."""
+    problems = []
+    vdir = out / VECTORS_SUBDIR
+    have = {f"{VECTORS_SUBDIR}/{f.name}" for f in vdir.glob("*.json")} if vdir.is_dir() else set()
+    for p in sorted(set(files) - have):
+        problems.append(f"missing {p}")
+    for p in sorted(have - set(files)):
+        problems.append(f"unexpected {p}")
+    for p in sorted(set(files) & have):
+        if (out / p).read_bytes() != files[p]:
+            problems.append(f"differs {p}")
+    sums = out / CHECKSUMS
+    if not sums.is_file() or sums.read_bytes() != checksums(files):
+        problems.append(f"differs {CHECKSUMS}")
+    return problems
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(prog="python -m refopt.conformance.generate",
+                                 description="Generate the refopt golden vectors (deterministic).")
+    ap.add_argument("--out", type=pathlib.Path, default=None,
+                    help="output directory (default: the repository's conformance/v1)")
+    ap.add_argument("--check", action="store_true",
+                    help="write nothing; exit 1 if the directory differs from a fresh generation")
+    args = ap.parse_args(argv)
+    out = args.out or default_dir()
+    files = generate()
+    if args.check:
+        problems = compare(out, files)
+        for p in problems:
+            print(p, file=sys.stderr)
+        print(f"{out}: {'OK' if not problems else f'{len(problems)} difference(s)'} "
+              f"({len(files)} vectors)")
+        return 1 if problems else 0
+    write(out, files)
+    total = sum(len(b) for b in files.values())
+    print(f"wrote {len(files)} vectors ({total / 1e6:.2f} MB) to {out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

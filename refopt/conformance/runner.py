@@ -1,0 +1,130 @@
+"""Running golden vectors on targets and judging every step (the engine behind `refopt check`).
+
+Each (vector, target) pair becomes one ``CaseResult``. A target failing on one vector (it raised,
+returned the wrong shape or dtype, produced NaN where the golden has none) fails that case only;
+every other case still runs.
+"""
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import dataclass, field
+from typing import Callable
+
+from ..quirks import DOPE_QUIRKS, SAVEUS_QUIRKS, Quirks
+from . import ports
+from .tolerance import judge
+
+RELEVANT_QUIRKS = {"saveus": SAVEUS_QUIRKS, "dope": DOPE_QUIRKS}
+
+
+@dataclass
+class CaseResult:
+    vector: object
+    target: object
+    status: str  # "passed" | "failed" | "skipped"
+    message: str = ""
+    worst_budget_units: float = 0.0
+    bitwise: int = 0  # param elements bit-equal to the golden, over all steps
+    compared: int = 0  # param elements compared, over all steps
+    first_bad: dict | None = None  # {"step", "what", "index", "expected", "actual", "reason"}
+    outputs: list = field(default_factory=list, repr=False)
+    seconds: float = 0.0
+    diagnosis: object = None
+
+    @property
+    def bitwise_fraction(self) -> float:
+        return self.bitwise / self.compared if self.compared else 1.0
+
+
+def profile_matches(vector, profile: str) -> bool:
+    """True when the vector's quirks, on those its optimizer reads, are exactly ``profile``'s."""
+    want = Quirks.for_profile(profile).as_dict()
+    return all(bool(vector.quirks.get(q, want[q])) == want[q] for q in RELEVANT_QUIRKS[vector.optimizer])
+
+
+def judge_outputs(vector, outputs) -> tuple[str, float, int, int, dict | None]:
+    """(status, worst budget units, bitwise, compared, first_bad) of a target's outputs."""
+    worst, bitwise, compared = 0.0, 0, 0
+    for k, out in enumerate(outputs):
+        checks = [("param", out.param)] + sorted(out.state.items())
+        for what, actual in checks:
+            j = judge(vector, k, actual, what=what)
+            if what == "param":
+                bitwise += j.bitwise_equal
+                compared += j.n
+            if math.isfinite(j.worst_budget_units):
+                worst = max(worst, j.worst_budget_units)
+            if not j.passed:
+                # a finite failure is beyond k budget units; a NaN/inf mismatch counts as infinite
+                units = j.worst_budget_units if j.worst_budget_units > vector.tolerance.get("k", 4.0) else math.inf
+                return "failed", max(worst, units), bitwise, compared, _first_bad(vector, k, what, actual, j)
+    return "passed", worst, bitwise, compared, None
+
+
+def _first_bad(vector, k, what, actual, j) -> dict:
+    import numpy as np
+
+    step = vector.steps[k]
+    golden = step.param if what == "param" else step.state[what]
+    idx = j.first_bad
+    fb = {"step": k + 1, "what": what, "index": list(idx) if idx is not None else None, "reason": j.reason,
+          "expected": None, "actual": None}
+    if idx is not None:
+        fb["expected"] = float(np.asarray(golden, dtype=np.float64)[idx])
+        fb["actual"] = float(np.asarray(actual).astype(np.float64)[idx])
+    return fb
+
+
+def run_case(vector, target) -> CaseResult:
+    t0 = time.perf_counter()
+    reason = target.skip_reason(vector)
+    if reason:
+        return CaseResult(vector, target, "skipped", reason)
+    try:
+        outputs = target.run(vector)
+    except ports.SkipVector as exc:
+        return CaseResult(vector, target, "skipped", str(exc), seconds=time.perf_counter() - t0)
+    except ports.PortFailure as exc:
+        return CaseResult(vector, target, "failed", str(exc), math.inf, seconds=time.perf_counter() - t0)
+    status, worst, bitwise, compared, fb = judge_outputs(vector, outputs)
+    msg = "" if fb is None else f"step {fb['step']}: {fb['reason']}"
+    return CaseResult(vector, target, status, msg, worst, bitwise, compared, fb, outputs,
+                      time.perf_counter() - t0)
+
+
+def plan(vectors, targets, port_profile: str = "reference") -> list[tuple]:
+    """(vector, target) pairs: the core takes every vector (it is configured with the vector's
+    own profile and quirks); a port implements one profile, so it takes the vectors of that one,
+    and only those of the optimizers it implements."""
+    pairs = []
+    for target in targets:
+        for v in (sample(vectors) if getattr(target, "sample", False) else vectors):
+            if getattr(target, "optimizers", None) and v.optimizer not in target.optimizers:
+                continue
+            if target.kind == "core" or profile_matches(v, port_profile):
+                pairs.append((v, target))
+    return pairs
+
+
+def sample(vectors, per_group: int | None = None) -> list:
+    """A deterministic sample covering every optimizer x dtype: a vector starting from a given
+    state and a multi-axis one first, as they exercise the most of a step."""
+    n = ports.SAMPLE_PER_GROUP if per_group is None else per_group
+    groups: dict = {}
+    for v in vectors:
+        groups.setdefault((v.optimizer, v.dtype), []).append(v)
+    keep = set()
+    for vs in groups.values():
+        ranked = sorted(vs, key=lambda v: (v.state0 is None, -len(v.shape), v.id))
+        keep |= {v.id for v in ranked[:n]}
+    return [v for v in vectors if v.id in keep]
+
+
+def run(pairs, progress: Callable[[int, int, str], None] | None = None) -> list[CaseResult]:
+    results = []
+    for i, (v, target) in enumerate(pairs):
+        results.append(run_case(v, target))
+        if progress:
+            progress(i + 1, len(pairs), f"{target.name} {v.id}")
+    return results

@@ -1,0 +1,258 @@
+"""Loading the golden vectors (conformance/v1/) into Python objects.
+
+The files are the product; this module is one reader of them. ``load()`` checks every file
+against ``SHA256SUMS`` and the shape of ``schema.json`` before it hands anything out, so a port
+is never judged against a damaged or hand-edited golden.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import pathlib
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from ..quirks import Quirks
+from .encoding import decode
+
+FORMAT = "refopt-conformance-vector"
+FORMAT_VERSION = 1
+VECTORS_SUBDIR = "vectors"
+CHECKSUMS = "SHA256SUMS"
+OPTIMIZERS = ("saveus", "dope")
+
+
+class VectorFileError(Exception):
+    """A vector directory or file that cannot be used: one line, naming the file and the fault."""
+
+
+@dataclass(frozen=True)
+class Step:
+    grad: np.ndarray          # input gradient, in the vector dtype
+    param: np.ndarray         # expected parameter after this step (the golden, float64)
+    state: dict               # expected state after this step: {name: float64 ndarray, "step": int}
+    budget: np.ndarray        # per-element error budget for param (float64, same shape)
+    #: per-element budgets of the state buffers {name: float64 ndarray} (same model as ``budget``)
+    state_budget: dict = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class Vector:
+    id: str
+    name: str
+    optimizer: str            # "saveus" | "dope"
+    profile: str
+    quirks: dict              # every quirk name -> bool
+    hparams: dict             # JSON form, reference names; SAVEUS clip_lambda {"power": p} or None
+    dtype: str
+    shape: tuple
+    clauses: tuple            # spec clause ids this vector exercises
+    flags: tuple              # names explained in conformance/v1/FLAGS.md
+    param0: np.ndarray        # initial parameter, in the vector dtype
+    state0: dict | None       # None = fresh state, else {name: ndarray in the vector dtype, "step": int}
+    steps: tuple              # tuple[Step, ...]
+    tolerance: dict           # {"k": float, "floor_ulps": float, "model": "mca-v1", ...}
+    description: str = ""
+    path: str = ""            # the file it came from
+
+    def optimizer_hparams(self) -> dict:
+        """Keyword arguments for refopt.SAVEUS/DOPE (reference names), clip_lambda as a callable."""
+        return hparams_from_json(self.optimizer, self.hparams)
+
+    def make_reference(self):
+        """The refopt core optimizer this vector was generated with (profile and quirks applied)."""
+        import refopt
+
+        cls = refopt.SAVEUS if self.optimizer == "saveus" else refopt.DOPE
+        return cls(**self.optimizer_hparams(), profile=self.profile, quirks=dict(self.quirks))
+
+    def __repr__(self) -> str:
+        return (f"Vector({self.id} {self.name!r}: {self.optimizer} {self.dtype}{list(self.shape)} "
+                f"{self.profile}, {len(self.steps)} step(s))")
+
+
+class PowerLambda:
+    """SAVEUS clip_lambda ``t -> t**power`` (picklable, and printable in reports)."""
+
+    def __init__(self, power: float):
+        self.power = float(power)
+
+    def __call__(self, t):
+        return t**self.power
+
+    def __repr__(self) -> str:
+        return f"(lambda t: t**{self.power!r})"
+
+    def __eq__(self, other) -> bool:
+        return isinstance(other, PowerLambda) and other.power == self.power
+
+    def __hash__(self) -> int:
+        return hash(("PowerLambda", self.power))
+
+
+def hparams_from_json(optimizer: str, h: dict) -> dict:
+    out = dict(h)
+    if "betas" in out:
+        out["betas"] = tuple(out["betas"])
+    if optimizer == "saveus" and "clip_lambda" in out:
+        cl = out["clip_lambda"]
+        out["clip_lambda"] = None if cl is None else PowerLambda(cl["power"])
+    return out
+
+
+def hparams_to_json(optimizer: str, h: dict) -> dict:
+    out = dict(h)
+    if "betas" in out:
+        out["betas"] = [float(b) for b in out["betas"]]
+    if optimizer == "saveus" and "clip_lambda" in out:
+        cl = out["clip_lambda"]
+        if cl is None:
+            out["clip_lambda"] = None
+        elif isinstance(cl, PowerLambda):
+            out["clip_lambda"] = {"power": cl.power}
+        elif getattr(cl, "__name__", "") == "default_clip_lambda":
+            out["clip_lambda"] = {"power": 0.25}
+        else:
+            raise ValueError("clip_lambda must be None, PowerLambda or the default to be stored in a vector")
+    return out
+
+
+def default_dir() -> pathlib.Path:
+    """The vectors shipped in the wheel (refopt/_vectors/v1), else the repository's conformance/v1."""
+    here = pathlib.Path(__file__).resolve().parent.parent
+    installed = here / "_vectors" / "v1"
+    if (installed / CHECKSUMS).is_file():
+        return installed
+    return here.parent / "conformance" / "v1"
+
+
+def _as_set(x):
+    if x is None:
+        return None
+    return {x} if isinstance(x, str) else set(x)
+
+
+def read_checksums(root: pathlib.Path) -> dict:
+    path = root / CHECKSUMS
+    if not path.is_file():
+        raise VectorFileError(f"{path}: checksum file missing")
+    sums = {}
+    for n, line in enumerate(path.read_text(encoding="ascii").splitlines(), 1):
+        if not line.strip():
+            continue
+        digest, sep, name = line.partition("  ")
+        if not sep or len(digest) != 64:
+            raise VectorFileError(f"{path}:{n}: malformed line (expected '<sha256>  <file>')")
+        sums[name] = digest
+    return sums
+
+
+def load(path=None, *, optimizer=None, dtype=None, profile=None, ids=None) -> list:
+    """The vectors in ``path`` (default: default_dir()), filtered; sorted by id.
+
+    ``optimizer``, ``dtype``, ``profile`` and ``ids`` each take one value or a collection.
+    Every file read is checked against SHA256SUMS and the schema; any fault raises
+    VectorFileError. Selecting nothing is an error too (a typo must not pass silently)."""
+    root = pathlib.Path(path) if path is not None else default_dir()
+    if not root.is_dir():
+        raise VectorFileError(f"{root}: vector directory missing")
+    sums = read_checksums(root)
+    vdir = root / VECTORS_SUBDIR
+    files = sorted(vdir.glob("*.json")) if vdir.is_dir() else []
+    listed = {n for n in sums if n.startswith(VECTORS_SUBDIR + "/")}
+    present = {f"{VECTORS_SUBDIR}/{f.name}" for f in files}
+    for name in sorted(listed - present):
+        raise VectorFileError(f"{root / name}: listed in {CHECKSUMS} but missing")
+    for name in sorted(present - listed):
+        raise VectorFileError(f"{root / name}: not listed in {CHECKSUMS}")
+    want = {k: _as_set(v) for k, v in
+            (("optimizer", optimizer), ("dtype", dtype), ("profile", profile), ("id", ids))}
+    if want["optimizer"]:
+        want["optimizer"] = {o.lower() for o in want["optimizer"]}
+    out = []
+    for f in files:
+        if want["id"] is not None and f.stem not in want["id"]:
+            continue  # files are named by id, so unselected ones need not be read
+        raw = f.read_bytes()
+        if hashlib.sha256(raw).hexdigest() != sums[f"{VECTORS_SUBDIR}/{f.name}"]:
+            raise VectorFileError(f"{f}: checksum mismatch (edited or damaged; regenerate with "
+                                  f"`python -m refopt.conformance.generate`)")
+        vec = parse(raw, f)
+        if all(want[k] is None or getattr(vec, k) in want[k] for k in ("optimizer", "dtype", "profile")):
+            out.append(vec)
+    if not out:
+        sel = ", ".join(f"{k}={sorted(v)}" for k, v in want.items() if v is not None) or "all"
+        raise VectorFileError(f"{root}: no vectors selected ({sel})")
+    return out
+
+
+def parse(raw: bytes, where="<vector>") -> Vector:
+    """One vector from the bytes of its file (checked against the schema's shape)."""
+    try:
+        doc = json.loads(raw)
+    except UnicodeDecodeError as exc:
+        raise VectorFileError(f"{where}: not UTF-8 ({exc})") from None
+    except json.JSONDecodeError as exc:
+        body = raw.strip()
+        truncated = body.startswith(b"{") and not body.endswith(b"}")  # a cut-off object
+        what = "truncated JSON" if truncated else "not JSON"
+        raise VectorFileError(f"{where}: {what} ({exc.msg} at line {exc.lineno} column {exc.colno})") from None
+    try:
+        return _build(doc, where)
+    except VectorFileError:
+        raise
+    except (KeyError, TypeError, ValueError, AttributeError) as exc:
+        raise VectorFileError(f"{where}: off-schema ({type(exc).__name__}: {exc})") from None
+
+
+def _state(obj, names, where, dtype=None):
+    out = {"step": obj["step"]}
+    if not isinstance(out["step"], int) or isinstance(out["step"], bool) or out["step"] < 0:
+        raise ValueError(f"{where}.step must be a non-negative integer")
+    for k in names:
+        out[k] = decode(obj[k], f"{where}.{k}")
+        if dtype is not None and str(obj[k]["dtype"]) != dtype:
+            raise ValueError(f"{where}.{k} has dtype {obj[k]['dtype']}, expected {dtype}")
+    return out
+
+
+STATE_NAMES = {"saveus": ("ema", "ema_squared"), "dope": ("exp_avg", "fim", "fim_diff", "prev_grad")}
+
+
+def _build(doc, where) -> Vector:
+    if not isinstance(doc, dict):
+        raise ValueError("top level must be an object")
+    if doc.get("format") != FORMAT or doc.get("format_version") != FORMAT_VERSION:
+        raise ValueError(f"format must be {FORMAT!r} version {FORMAT_VERSION}")
+    opt = doc["optimizer"]
+    if opt not in OPTIMIZERS:
+        raise ValueError(f"optimizer {opt!r} is not one of {', '.join(OPTIMIZERS)}")
+    names = STATE_NAMES[opt]
+    dtype, shape = doc["dtype"], tuple(doc["shape"])
+    param0 = decode(doc["param0"], "param0")
+    if param0.shape != shape or doc["param0"]["dtype"] != dtype:
+        raise ValueError(f"param0 is {doc['param0']['dtype']}{list(param0.shape)}, expected {dtype}{list(shape)}")
+    if sorted(doc["quirks"]) != sorted(Quirks.names()) or not all(isinstance(v, bool) for v in doc["quirks"].values()):
+        raise ValueError(f"quirks must set each of {', '.join(Quirks.names())} to true or false")
+    state0 = None if doc["state0"] is None else _state(doc["state0"], names, "state0", dtype)
+    steps = []
+    for i, s in enumerate(doc["steps"]):
+        w = f"steps[{i}]"
+        grad = decode(s["grad"], f"{w}.grad")
+        param, budget = decode(s["param"], f"{w}.param"), decode(s["budget"], f"{w}.budget")
+        for what, a in (("grad", grad), ("param", param), ("budget", budget)):
+            if a.shape != shape:
+                raise ValueError(f"{w}.{what} has shape {list(a.shape)}, expected {list(shape)}")
+        steps.append(Step(grad=grad, param=param, budget=budget,
+                          state=_state(s["state"], names, f"{w}.state", "float64"),
+                          state_budget={k: decode(v, f"{w}.state_budget.{k}")
+                                        for k, v in s["state_budget"].items()}))
+    if not steps:
+        raise ValueError("steps is empty")
+    return Vector(
+        id=doc["id"], name=doc["name"], optimizer=opt, profile=doc["profile"], quirks=dict(doc["quirks"]),
+        hparams=dict(doc["hparams"]), dtype=dtype, shape=shape, clauses=tuple(doc["clauses"]),
+        flags=tuple(doc["flags"]), param0=param0, state0=state0, steps=tuple(steps),
+        tolerance=dict(doc["tolerance"]), description=doc.get("description", ""), path=str(where),
+    )
