@@ -46,24 +46,24 @@ def work_dtype(xp, dtype):
 
 
 @lru_cache(maxsize=None)
-def _has_float64(xp, device_key) -> bool:
-    del device_key
-    try:
-        return xp.asarray(0.0, dtype=xp.float64).dtype == xp.float64
+def _has_float64(xp, device) -> bool:
+    try:  # probed once per (namespace, device), on that device, outside any hot path
+        return xp.asarray(0.0, dtype=xp.float64, device=device).dtype == xp.float64
     except Exception:  # e.g. torch on MPS, or JAX without x64
         return False
 
 
 def scalar_dtype(xp, device):
     """A4: step-dependent scalars are float64 (Python floats in the reference) where available."""
-    try:
+    if aac.is_jax_namespace(xp):  # checked first, so other users never import jax
         import jax
 
-        if aac.is_jax_namespace(xp) and not jax.config.read("jax_enable_x64"):
+        if not jax.config.read("jax_enable_x64"):
             return xp.float32
-    except ImportError:
-        pass
-    return xp.float64 if _has_float64(xp, str(device)) else xp.float32
+    try:
+        return xp.float64 if _has_float64(xp, device) else xp.float32
+    except TypeError:  # an unhashable device object: probe without the cache
+        return xp.float64 if _has_float64.__wrapped__(xp, device) else xp.float32
 
 
 class Arith:
@@ -93,13 +93,19 @@ class Arith:
     def to_storage(self, x):
         return self.xp.asarray(self.xp.astype(x, self.dtype) if self.low else x)
 
+    def const(self, value: float, dtype):
+        """A 0-d constant made on the device (``full``, not ``asarray``: on CUDA an asarray of a
+        Python number is a blocking host-to-device copy inside the step)."""
+        return self.xp.full((), value, dtype=dtype, device=self.device)
+
     def dscalar(self, x):
         """A3.3: an added constant or an ``add`` alpha. For a 16-bit tensor PyTorch converts it
         to the tensor's own dtype first (a factor stays float32), so round to D, then widen."""
         if not self.low:
             return x
         xp = self.xp
-        return xp.astype(xp.astype(xp.asarray(x, dtype=self.sdtype, device=self.device), self.dtype), self.work)
+        x = self.const(x, self.sdtype) if isinstance(x, (int, float)) else xp.astype(x, self.sdtype)
+        return xp.astype(xp.astype(x, self.dtype), self.work)
 
     def scalar(self, x):
         """A4: a scalar computed in the scalar dtype, rounded to W where it is applied."""
@@ -132,7 +138,8 @@ def trailing_mean(xp, x, torch_empty_axis_mean: bool):
 
 def self_lerp(xp, x):
     """Q1: the reference interpolates a tensor with itself; ``x - x`` is NaN where x is infinite."""
-    return xp.where(xp.isinf(x), xp.asarray(xp.nan, dtype=x.dtype, device=aac.device(x)), x)
+    nan = xp.full((), math.nan, dtype=x.dtype, device=aac.device(x))  # made on the device, no copy
+    return xp.where(xp.isinf(x), nan, x)
 
 
 def normalizer_std(xp, x, channels: bool):

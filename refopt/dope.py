@@ -82,7 +82,7 @@ class DOPE(Optimizer):
                 g = self_lerp(xp, g_hat) if q.aliased_lerp else rd(g + a * (g_hat - g))
         if h["clip"] > 0:  # D3: per tensor, always multiplied, NaN norms propagate; clip/x is 1/x then *clip (torch)
             norm = rd(xp.sqrt(xp.sum(g * g)))
-            coef = xp.minimum(rd(rd(1.0 / rd(norm + A.dscalar(1e-6))) * h["clip"]), xp.asarray(1.0, dtype=A.work, device=A.device))
+            coef = xp.minimum(rd(rd(1.0 / rd(norm + A.dscalar(1e-6))) * h["clip"]), xp.ones_like(norm))
             g = rd(g * coef)
 
         fim = rd(rd(fim * b2) + (1.0 - b2) * g * g)  # D4: b2 with fim ...
@@ -95,7 +95,7 @@ class DOPE(Optimizer):
         if h["eps_floor"] is None:  # D6
             eps_hat = h["eps"]
         else:
-            eps_hat = A.scalar(xp.maximum(xp.asarray(h["eps_floor"], dtype=A.sdtype, device=A.device),
+            eps_hat = A.scalar(xp.maximum(A.const(h["eps_floor"], A.sdtype),
                                           h["eps"] * xp.sqrt(t)))
         denom = rd(rd(rd(xp.sqrt(fim)) / A.scalar(xp.sqrt(bc2))) + A.dscalar(eps_hat))  # D7
         denom_diff = rd(rd(rd(rd(xp.sqrt(fim_diff)) / A.scalar(xp.sqrt(bc1))) * h["diff_mult"]) + A.dscalar(h["eps2"]))
@@ -129,7 +129,7 @@ class DOPE(Optimizer):
         xp, lam = A.xp, self._hparams["momentum_lambda"]
         if self.quirks.float32_scalars:
             t = xp.astype(step + 1, xp.float32)
-            a = xp.pow(t, xp.asarray(lam, dtype=xp.float32, device=A.device))
+            a = xp.pow(t, A.const(lam, xp.float32))
             a = lam * a if self.quirks.lambda_scaled_amplification else a
             return xp.astype(a, A.work)
         a = A.step_count(step) ** lam

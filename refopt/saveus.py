@@ -93,7 +93,9 @@ class SAVEUS(Optimizer):
             g = rd(g + A.dscalar(wd) * p)
 
         if h["clip_gradients"] and h["clip_lambda"] is not None:  # S9: clips the final direction
-            lim = A.scalar(xp.asarray(h["clip_lambda"](t), dtype=A.sdtype, device=A.device))
+            lim = h["clip_lambda"](t)
+            lim = A.const(lim, A.sdtype) if isinstance(lim, (int, float)) else xp.astype(lim, A.sdtype)
+            lim = A.scalar(lim)
             g = rd(xp.minimum(xp.maximum(g, -lim), lim))
 
         p = rd(p - A.scalar(step_size) * (g / denom))  # S10: one rounding, like addcdiv

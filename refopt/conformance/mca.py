@@ -186,6 +186,11 @@ class MCANamespace:
     def asarray(self, x, dtype=None, device=None, copy=None):
         return self._wrap(x, dtype)
 
+    def full(self, shape, fill_value, dtype=None, device=None):
+        if tuple(shape) != ():
+            raise NotImplementedError("the core only asks for 0-d constants")
+        return self._wrap(fill_value, dtype)
+
     def zeros_like(self, x, dtype=None, device=None):
         return MArray(self, np.zeros_like(x.v, dtype=x.v.dtype), dtype or x.dtype)
 

@@ -73,7 +73,7 @@ CATALOGUE: tuple[Mutant, ...] = (
     Mutant("clip_norm_eps_1e8", D, "D3", "clip coefficient clip/(norm + 1e-8) instead of 1e-6",
            edits=((_DU, (("1e-6", "1e-8"),)),)),
     Mutant("clip_without_min_one", D, "D3", "clip coefficient not capped at 1 (always rescales to the norm)",
-           edits=((_DU, (("xp.asarray(1.0, dtype=A.work, device=A.device))", "xp.asarray(xp.inf, dtype=A.work, device=A.device))"),)),)),
+           edits=((_DU, (("xp.ones_like(norm))", "xp.ones_like(norm) * xp.inf)"),)),)),
     Mutant("weight_decay_post_update", D, "D13", "weight decay applied to p after the D14 update",
            edits=((_DU, (("w = rd(rd(p / denom) / denom_diff)", 'w = rd(rd(rd(p + A.dscalar(-h["lr"]) * u) / denom) / denom_diff)'),)),)),
     Mutant("std_without_eps_dope", D, "D2 (A2)", "normalizer divides by std without the +1e-8",
