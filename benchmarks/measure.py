@@ -1,0 +1,95 @@
+"""Timing, memory and bandwidth probes for benchmarks/run.py (printed numbers only, no asserts).
+
+Memory on the host is the peak resident set growth during the timed steps: the kernel's
+high-water mark (VmHWM) is reset through /proc/self/clear_refs just before them, so the number
+is the transient working set a step adds on top of what is already resident (parameters, grads,
+state and any scratch kept between steps). run.py measures it in a worker with a fixed glibc mmap
+threshold so freed temporaries go back to the OS instead of hiding in the heap. On CUDA it is
+torch's peak allocated bytes over the steps (torch only; CuPy and JAX report '-').
+"""
+from __future__ import annotations
+
+import time
+
+
+def _status_kib(field: str) -> int | None:
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith(field + ":"):
+                    return int(line.split()[1])
+    except OSError:
+        pass
+    return None
+
+
+def reset_peak() -> int | None:
+    """Reset the RSS high-water mark; returns the current RSS in bytes (None off Linux)."""
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+    except OSError:
+        return None
+    rss = _status_kib("VmRSS")
+    return None if rss is None else rss * 1024
+
+
+def peak_since_reset(base: int | None) -> int | None:
+    hwm = _status_kib("VmHWM")
+    return None if base is None or hwm is None else max(hwm * 1024 - base, 0)
+
+
+def time_steps(step, sync, reps: int, warmup: int) -> float:
+    """Best wall time in ms of ``step(); sync()`` after ``warmup`` untimed calls."""
+    for _ in range(warmup):
+        step()
+    sync()
+    best = float("inf")
+    for _ in range(reps):
+        t0 = time.perf_counter()
+        step()
+        sync()
+        best = min(best, time.perf_counter() - t0)
+    return best * 1e3
+
+
+def host_copy_bandwidth(nbytes: int, reps: int = 5) -> dict:
+    """Bytes/s of a host copy (read + write counted), NumPy (one thread) and torch (all threads)."""
+    import numpy as np
+
+    out = {}
+    src = np.random.default_rng(0).standard_normal(nbytes // 4, dtype=np.float32)
+    dst = np.empty_like(src)
+    out["numpy"] = 2 * nbytes / _best(lambda: np.copyto(dst, src), reps)
+    try:
+        import torch
+
+        s, d = torch.from_numpy(src), torch.empty(src.shape, dtype=torch.float32)
+        out["torch"] = 2 * nbytes / _best(lambda: d.copy_(s), reps)
+    except ImportError:
+        pass
+    return out
+
+
+def cuda_copy_bandwidth(nbytes: int, reps: int = 10) -> float:
+    """Bytes/s of a device-to-device copy on the current CUDA device (torch)."""
+    import torch
+
+    s = torch.empty(nbytes // 4, dtype=torch.float32, device="cuda").normal_()
+    d = torch.empty_like(s)
+
+    def copy():
+        d.copy_(s)
+        torch.cuda.synchronize()
+
+    return 2 * nbytes / _best(copy, reps)
+
+
+def _best(fn, reps: int) -> float:
+    fn()
+    best = float("inf")
+    for _ in range(reps):
+        t0 = time.perf_counter()
+        fn()
+        best = min(best, time.perf_counter() - t0)
+    return best
