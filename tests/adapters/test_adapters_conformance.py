@@ -1,0 +1,57 @@
+"""The adapters' fast paths against the golden vectors (issue 5: speed must not cost conformance).
+
+Runs `refopt check --port ...` in-process on refopt.torch (single-tensor and multi-tensor paths)
+and refopt.optax, exactly as a port author would."""
+from __future__ import annotations
+
+import textwrap
+
+import pytest
+
+from refopt.cli import main
+
+pytest.importorskip("torch")
+
+PATHS = textwrap.dedent(
+    """
+    import refopt.torch
+
+    class DOPEForeach(refopt.torch.DOPE):
+        def __init__(self, params, **kw):
+            super().__init__(params, foreach=True, **kw)
+
+    class DOPESingle(refopt.torch.DOPE):
+        def __init__(self, params, **kw):
+            super().__init__(params, foreach=False, **kw)
+
+    class SAVEUSForeach(refopt.torch.SAVEUS):
+        def __init__(self, params, **kw):
+            super().__init__(params, foreach=True, **kw)
+
+    class SAVEUSSingle(refopt.torch.SAVEUS):
+        def __init__(self, params, **kw):
+            super().__init__(params, foreach=False, **kw)
+    """
+)
+
+
+@pytest.fixture
+def paths_module(tmp_path, monkeypatch):
+    (tmp_path / "refopt_fastpaths.py").write_text(PATHS)
+    monkeypatch.syspath_prepend(str(tmp_path))
+    return "refopt_fastpaths"
+
+
+@pytest.mark.parametrize("cls", ["DOPEForeach", "DOPESingle", "SAVEUSForeach", "SAVEUSSingle"])
+def test_torch_adapter_paths_pass_every_vector(paths_module, cls, capsys):
+    rc = main(["check", "--port", f"torch:{paths_module}:{cls}", "-q"])
+    out = capsys.readouterr()
+    assert rc == 0, out.out + out.err
+
+
+@pytest.mark.parametrize("factory", ["dope", "saveus"])
+def test_optax_adapter_passes_the_float64_vectors(factory, capsys):
+    pytest.importorskip("optax")
+    rc = main(["check", "--port", f"optax:refopt.optax:{factory}", "--dtype", "float64", "-q"])
+    out = capsys.readouterr()
+    assert rc == 0, out.out + out.err
