@@ -67,8 +67,12 @@ def step_inputs(optimizer: str, state_type, param, grad, state):
             raise TypeError(f"{optimizer}.step: {what} must be an array, got {type(x).__name__}")
     try:
         xp = namespace(*(a for _, a in arrays), state.step)
-    except TypeError as exc:
-        raise TypeError(f"{optimizer}.step: param, grad and state come from different array libraries ({exc})") from None
+    except TypeError:
+        libs = ", ".join(f"{what} is {type(x).__module__.split('.')[0]}" for what, x in arrays + [("state.step", state.step)])
+        raise TypeError(
+            f"{optimizer}.step: param, grad and state come from different array libraries ({libs}); "
+            "convert them to one library"
+        ) from None
     if not is_real_floating(xp, param.dtype):
         raise TypeError(
             f"{optimizer}.step: param dtype must be a real floating dtype "
