@@ -43,8 +43,10 @@ _COMMON_DOC = """
 
     Options: ``profile`` and ``quirks`` as in the core; ``foreach`` (None or True: group small
     tensors into multi-tensor ``torch._foreach_*`` calls; False: one tensor at a time; the
-    results are the same on CPU). On CPU a step runs its ops on one intra-op thread (it sets
-    ``torch.set_num_threads(1)`` for its duration and restores the setting after) and processes
+    results are the same on CPU); ``cpu_threads`` (default 1). On CPU a step runs its ops on
+    ``cpu_threads`` intra-op threads (it calls ``torch.set_num_threads`` for the step's duration
+    and restores the setting after; ``cpu_threads=None`` leaves torch's setting alone, which
+    suits machines with many cores, where one thread cannot use the memory bandwidth) and processes
     large tensors in blocks of rows that stay in cache: faster than whole-tensor ops on all
     threads, which are bound by memory bandwidth, and immune to the stalls of many short
     parallel regions on a busy machine. Per element nothing changes (the trailing-axis reductions are per row), only DOPE's
@@ -64,12 +66,13 @@ class SAVEUS(TorchOptimizer):
     def __init__(self, params, lr=1e-3, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.0, centralization=0.5,
                  normalization=0.5, normalize_channels=True, amp_fac=2.0, clip_lambda=_saveus.default_clip_lambda,
                  decouple_weight_decay=False, clip_gradients=False, *, profile="reference", quirks=None,
-                 foreach=None):
+                 foreach=None, cpu_threads=1):
         super().__init__(params, dict(
             lr=lr, betas=betas, eps=eps, weight_decay=weight_decay, centralization=centralization,
             normalization=normalization, normalize_channels=normalize_channels, amp_fac=amp_fac,
             clip_lambda=clip_lambda, decouple_weight_decay=decouple_weight_decay,
-            clip_gradients=clip_gradients), profile=profile, quirks=quirks, foreach=foreach)
+            clip_gradients=clip_gradients), profile=profile, quirks=quirks, foreach=foreach,
+            cpu_threads=cpu_threads)
 
     def _scalars(self, core, t, device, dtype):
         s = bias_scalars(core, t)
@@ -96,12 +99,13 @@ class DOPE(TorchOptimizer):
     def __init__(self, params, lr=1.5e-4, betas=(0.999, 0.9999), momentum_beta=0.9999, eps=1e-6, eps2=1e-2,
                  eps_floor=None, weight_decay=0.01, centralization=0.5, normalization=0.5, diff_mult=1.0,
                  momentum_lambda=0.25, gamma=0.0005, clip=1.0, cautious=True, normalize_channels=True, *,
-                 profile="reference", quirks=None, foreach=None):
+                 profile="reference", quirks=None, foreach=None, cpu_threads=1):
         super().__init__(params, dict(
             lr=lr, betas=betas, momentum_beta=momentum_beta, eps=eps, eps2=eps2, eps_floor=eps_floor,
             weight_decay=weight_decay, centralization=centralization, normalization=normalization,
             diff_mult=diff_mult, momentum_lambda=momentum_lambda, gamma=gamma, clip=clip, cautious=cautious,
-            normalize_channels=normalize_channels), profile=profile, quirks=quirks, foreach=foreach)
+            normalize_channels=normalize_channels), profile=profile, quirks=quirks, foreach=foreach,
+            cpu_threads=cpu_threads)
 
     def _scalars(self, core, t, device, dtype):
         s = bias_scalars(core, t)

@@ -22,7 +22,12 @@ class TorchOptimizer(torch.optim.Optimizer):
     Core: type
     BUFFERS: tuple[str, ...]
 
-    def __init__(self, params, hparams: dict, *, profile="reference", quirks=None, foreach=None):
+    def __init__(self, params, hparams: dict, *, profile="reference", quirks=None, foreach=None,
+                 cpu_threads=1):
+        if cpu_threads is not None and (isinstance(cpu_threads, bool) or not isinstance(cpu_threads, int)
+                                        or cpu_threads < 1):
+            raise ValueError(f"cpu_threads must be None or a positive int, got {cpu_threads!r}")
+        self._cpu_threads = cpu_threads
         defaults = dict(hparams, profile=profile, quirks=quirks, foreach=foreach)
         self._core(defaults)  # raises before torch sees the parameters
         defaults[FORMAT_KEY] = self._format_tag()
@@ -32,6 +37,7 @@ class TorchOptimizer(torch.optim.Optimizer):
     def __setstate__(self, state):  # unpickling / deepcopy: the scratch is not part of the state
         super().__setstate__(state)
         self._scratch = _plan.Scratch()
+        self.__dict__.setdefault("_cpu_threads", 1)
 
     # ---- hyperparameters -------------------------------------------------------------------
     @classmethod
@@ -66,7 +72,7 @@ class TorchOptimizer(torch.optim.Optimizer):
                 loss = closure()
         jobs = [job for group in self.param_groups for job in self._prepare(group)]
         on_cpu = any(p.device.type == "cpu" for job in jobs for p in job[2])
-        with torch.no_grad(), _one_thread(on_cpu):
+        with torch.no_grad(), _cpu_threads(on_cpu, self._cpu_threads):
             for job in jobs:
                 self._run(*job)
         return loss
@@ -177,8 +183,9 @@ def bias_scalars(core, t: int) -> dict:
 
 
 @contextlib.contextmanager
-def _one_thread(active: bool):
-    """CPU ops on one intra-op thread for the duration of a step, then torch's setting again.
+def _cpu_threads(active: bool, n):
+    """CPU ops on ``n`` intra-op threads for the duration of a step (default 1), then torch's
+    setting again; ``n=None`` leaves torch's setting alone (then no row blocking, see _plan).
 
     The step is ~35 ops per cache-sized block (_plan.row_blocks); with several threads every op
     is a parallel region that waits for all of them, which stalls when the cores are shared with
@@ -186,10 +193,10 @@ def _one_thread(active: bool):
     blocks is faster than several threads on whole tensors, which are bound by memory bandwidth
     (same machine, idle: 0.11 s against 0.26 s), and does not stall."""
     old = torch.get_num_threads()
-    if not active or old == 1:
+    if not active or n is None or old == n:
         yield
         return
-    torch.set_num_threads(1)
+    torch.set_num_threads(n)
     try:
         yield
     finally:

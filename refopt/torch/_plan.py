@@ -21,7 +21,7 @@ def row_blocks(p, grad, buffers, blockable: bool):
     A block's trailing-axes reductions are then the tensor's (A1, A2 channel-wise), and torch's
     sums and norms over rows do not depend on how many rows there are, so for float32/64
     splitting changes no bit. Only CPU tensors are split, and only when torch runs ops on one
-    thread, as the step arranges (_optim._one_thread): with intra-op threads every op is a
+    thread, as the step arranges (_optim._cpu_threads): with intra-op threads every op is a
     parallel region that waits for all its threads, and blocks multiply those waits. On a GPU
     one kernel covers the tensor."""
     n, chunk = p.numel(), CHUNK * 4 // p.element_size()

@@ -469,3 +469,32 @@ def test_cpu_step_runs_on_one_thread_and_restores_the_setting(monkeypatch):
     p.grad = torch.randn(3, 5)
     opt.step()
     assert seen == [1] and torch.get_num_threads() == before
+
+
+@pytest.mark.parametrize("threads", [None, 2])
+def test_cpu_threads_option_is_honoured_and_bit_identical(monkeypatch, threads):
+    seen = []
+    real = _plan.row_blocks
+
+    def spy(*args):
+        seen.append(torch.get_num_threads())
+        return real(*args)
+
+    monkeypatch.setattr(_plan, "row_blocks", spy)
+    before = torch.get_num_threads()
+    p0, g = torch.randn(64, 32, dtype=torch.float64), torch.randn(64, 32, dtype=torch.float64)
+    results = []
+    for n in (1, threads):
+        p = torch.nn.Parameter(p0.clone())
+        opt = rt.DOPE([p], cpu_threads=n)
+        p.grad = g.clone()
+        opt.step()
+        results.append(p.detach().clone())
+    assert seen[-1] == (before if threads is None else threads) and torch.get_num_threads() == before
+    assert torch.equal(results[0], results[1])
+
+
+@pytest.mark.parametrize("bad", [0, -1, 1.5, True, "2"])
+def test_cpu_threads_rejects_bad_values(bad):
+    with pytest.raises(ValueError, match="cpu_threads"):
+        rt.SAVEUS([torch.nn.Parameter(torch.zeros(2))], cpu_threads=bad)
