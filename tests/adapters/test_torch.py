@@ -454,7 +454,9 @@ def test_deepcopy_and_lr_scheduler():
     assert torch.equal(p.detach(), q.detach())
 
 
-def test_cpu_step_runs_on_one_thread_and_restores_the_setting(monkeypatch):
+@pytest.fixture
+def threads_seen(monkeypatch):
+    """The intra-op thread count in force each time a step plans its row blocks."""
     seen = []
     real = _plan.row_blocks
 
@@ -463,6 +465,11 @@ def test_cpu_step_runs_on_one_thread_and_restores_the_setting(monkeypatch):
         return real(*args)
 
     monkeypatch.setattr(_plan, "row_blocks", spy)
+    return seen
+
+
+def test_cpu_step_runs_on_one_thread_and_restores_the_setting(threads_seen):
+    seen = threads_seen
     before = torch.get_num_threads()
     p = torch.nn.Parameter(torch.randn(3, 5))
     opt = rt.SAVEUS([p])
@@ -472,15 +479,8 @@ def test_cpu_step_runs_on_one_thread_and_restores_the_setting(monkeypatch):
 
 
 @pytest.mark.parametrize("threads", [None, 2])
-def test_cpu_threads_option_is_honoured_and_bit_identical(monkeypatch, threads):
-    seen = []
-    real = _plan.row_blocks
-
-    def spy(*args):
-        seen.append(torch.get_num_threads())
-        return real(*args)
-
-    monkeypatch.setattr(_plan, "row_blocks", spy)
+def test_cpu_threads_option_is_honoured_and_bit_identical(threads_seen, threads):
+    seen = threads_seen
     before = torch.get_num_threads()
     p0, g = torch.randn(64, 32, dtype=torch.float64), torch.randn(64, 32, dtype=torch.float64)
     results = []
