@@ -33,8 +33,9 @@ grads, state, params)`` returns the core's new parameters exactly.
 
 State. ``SAVEUSState(step, ema, ema_squared)`` / ``DOPEState(step, exp_avg, fim, fim_diff,
 prev_grad)``: one int32 0-d ``step`` (updates done; all leaves step together) and one pytree per
-core buffer, shaped like ``params`` (and sharded like it). These are this module's own
-NamedTuples, not the core's per-tensor ``refopt.SAVEUSState``/``refopt.DOPEState``.
+core buffer, shaped like ``params`` (and sharded like it). They are the core's NamedTuples
+(``refopt.SAVEUSState``/``refopt.DOPEState``, fields readable as attributes or keys) holding
+pytrees where the core holds arrays.
 
 Compilation. The update is jitted inside (eager calls too), once per tree structure, shapes and
 dtypes; a schedule must therefore be traceable, as optax schedules are. The compiled program holds
@@ -46,7 +47,7 @@ from __future__ import annotations
 
 import copy
 import math
-from typing import Any, Callable, NamedTuple, Union
+from typing import Any, Callable, Union
 
 import jax
 import jax.numpy as jnp
@@ -56,29 +57,12 @@ import optax
 from . import _validate
 from ._arrays import Arith, is_real_floating, self_lerp
 from ._base import Optimizer
+from ._state import DOPEState, SAVEUSState  # the core's containers; here each field is a pytree
 from .dope import DOPE
 from .saveus import SAVEUS
 
 Schedule = Callable[[Any], Any]
 ScalarOrSchedule = Union[float, Schedule]
-
-
-class SAVEUSState(NamedTuple):
-    """S0 over a pytree: ``step`` (int32, updates done) and ``ema``/``ema_squared`` pytrees."""
-
-    step: Any
-    ema: Any
-    ema_squared: Any
-
-
-class DOPEState(NamedTuple):
-    """D0 over a pytree: ``step`` (int32) and ``exp_avg``/``fim``/``fim_diff``/``prev_grad`` pytrees."""
-
-    step: Any
-    exp_avg: Any
-    fim: Any
-    fim_diff: Any
-    prev_grad: Any
 
 
 _STATES = {SAVEUS: SAVEUSState, DOPE: DOPEState}

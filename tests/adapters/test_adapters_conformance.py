@@ -14,23 +14,14 @@ pytest.importorskip("torch")
 
 PATHS = textwrap.dedent(
     """
+    import functools
     import refopt.torch
 
-    class DOPEForeach(refopt.torch.DOPE):
-        def __init__(self, params, **kw):
-            super().__init__(params, foreach=True, **kw)
-
-    class DOPESingle(refopt.torch.DOPE):
-        def __init__(self, params, **kw):
-            super().__init__(params, foreach=False, **kw)
-
-    class SAVEUSForeach(refopt.torch.SAVEUS):
-        def __init__(self, params, **kw):
-            super().__init__(params, foreach=True, **kw)
-
-    class SAVEUSSingle(refopt.torch.SAVEUS):
-        def __init__(self, params, **kw):
-            super().__init__(params, foreach=False, **kw)
+    # One class per (optimizer, path); the class name tells the runner which optimizer it is.
+    for _base in (refopt.torch.DOPE, refopt.torch.SAVEUS):
+        for _suffix, _foreach in (("Foreach", True), ("Single", False)):
+            _init = functools.partialmethod(_base.__init__, foreach=_foreach)
+            globals()[_base.__name__ + _suffix] = type(_base.__name__ + _suffix, (_base,), {"__init__": _init})
     """
 )
 
