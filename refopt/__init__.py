@@ -7,7 +7,8 @@
 """
 from ._state import DOPEState, SAVEUSState
 from .dope import DOPE
-from .quirks import PROFILES, Quirks
+from .quirks import Quirks
+from .registry import PROFILES
 from .saveus import SAVEUS
 
 __version__ = "1.0.0"
@@ -18,7 +19,7 @@ SPEC_VERSION = "1.0.0"
 
 def __getattr__(name):
     # Framework adapters load on first use, so `import refopt` needs only numpy.
-    if name in ("torch", "optax", "conformance", "oracle"):
+    if name in ("torch", "optax", "conformance", "builders", "registry"):
         import importlib
 
         return importlib.import_module(f"{__name__}.{name}")

@@ -1,8 +1,10 @@
-"""State containers: NamedTuples (pytrees for JAX, plain tuples elsewhere) whose fields are
-readable as attributes and as keys, under the reference code's names."""
+"""State containers, built from the registry: NamedTuples (pytrees for JAX, plain tuples
+elsewhere) whose fields, under the reference code's names, read as attributes and as keys."""
 from __future__ import annotations
 
-from typing import Any, NamedTuple
+from typing import NamedTuple
+
+from . import registry
 
 
 def _getitem(self, key):
@@ -21,27 +23,17 @@ def _items(self):
     return tuple(zip(self._fields, self))
 
 
-class SAVEUSState(NamedTuple):
-    """S0: ``step`` (0-d integer array, steps taken), ``ema``, ``ema_squared`` (param's dtype)."""
+def _state_type(facts: registry.OptimizerFacts) -> type:
+    name = f"{facts.name}State"
+    cls = NamedTuple(name, [(field, object) for field in facts.state])
+    cls.__getitem__ = _getitem
+    cls.keys = _keys
+    cls.items = _items
+    cls.__module__ = "refopt"
+    fields = "; ".join(f"``{k}``: {facts.state_doc[k]}" for k in facts.state)
+    cls.__doc__ = f"{facts.name} state ({facts.clauses[0]}, spec/{facts.spec_file}#state): {fields}."
+    return cls
 
-    step: Any
-    ema: Any
-    ema_squared: Any
 
-    __getitem__ = _getitem
-    keys = _keys
-    items = _items
-
-
-class DOPEState(NamedTuple):
-    """D0: ``step``, ``exp_avg`` (centred momentum), ``fim``, ``fim_diff``, ``prev_grad``."""
-
-    step: Any
-    exp_avg: Any
-    fim: Any
-    fim_diff: Any
-    prev_grad: Any
-
-    __getitem__ = _getitem
-    keys = _keys
-    items = _items
+SAVEUSState = _state_type(registry.SAVEUS)
+DOPEState = _state_type(registry.DOPE)

@@ -1,52 +1,12 @@
-"""Hyperparameter and step-input validation (spec/errors.md). Metadata only: shapes, dtypes,
-namespaces, devices. Nothing here reads an array value except the opt-in ``check_finite``."""
+"""Step-input validation (spec/errors.md). Metadata only: shapes, dtypes, namespaces, devices.
+Nothing here reads an array value except the opt-in ``check_finite``."""
 from __future__ import annotations
-
-import math
-import numbers
 
 import array_api_compat as aac
 
 from ._arrays import dtype_name, is_real_floating, namespace
-
-
-def real(name: str, value, *, low=None, high=None, low_open=False, high_open=True, msg=None):
-    """A finite real number within [low, high); bools and non-numbers are TypeErrors."""
-    if isinstance(value, bool) or not isinstance(value, numbers.Real):
-        raise TypeError(f"{name} must be a real number, got {type(value).__name__} {value!r}")
-    value = float(value)
-    bad = not math.isfinite(value)
-    if low is not None:
-        bad = bad or value < low or (low_open and value == low)
-    if high is not None:
-        bad = bad or value > high or (high_open and value == high)
-    if bad:
-        rng = _range_text(low, high, low_open, high_open)
-        raise ValueError(f"{msg or f'Invalid {name}'}: {value!r} ({name} must be finite{rng})")
-    return value
-
-
-def _range_text(low, high, low_open, high_open):
-    if low is None and high is None:
-        return ""
-    lo = "(" if low_open else "["
-    hi = ")" if high_open else "]"
-    return f" and in {lo}{'-inf' if low is None else low}, {'inf' if high is None else high}{hi}"
-
-
-def flag(name: str, value) -> bool:
-    if not isinstance(value, bool):
-        raise TypeError(f"{name} must be True or False, got {type(value).__name__} {value!r}")
-    return value
-
-
-def betas(value, name="betas"):
-    if isinstance(value, (str, bytes)) or not hasattr(value, "__len__") or len(value) != 2:
-        raise ValueError(f"Invalid {name}: {value!r} ({name} must be a pair (beta1, beta2))")
-    return tuple(
-        real(f"{name}[{i}]", b, low=0.0, high=1.0, msg=f"Invalid beta parameter at index {i}")
-        for i, b in enumerate(value)
-    )
+from ._checks import betas, flag, real  # noqa: F401 - the validators, for callers of this module
+from .registry import DTYPES
 
 
 def step_inputs(optimizer: str, state_type, param, grad, state):
@@ -73,10 +33,10 @@ def step_inputs(optimizer: str, state_type, param, grad, state):
             f"{optimizer}.step: param, grad and state come from different array libraries ({libs}); "
             "convert them to one library"
         ) from None
-    if not is_real_floating(xp, param.dtype):
+    if dtype_name(param.dtype) not in DTYPES or not is_real_floating(xp, param.dtype):
         raise TypeError(
             f"{optimizer}.step: param dtype must be a real floating dtype "
-            f"(float16, bfloat16, float32, float64), got {dtype_name(param.dtype)}"
+            f"({', '.join(DTYPES)}), got {dtype_name(param.dtype)}"
         )
     dev = aac.device(param)
     for what, x in arrays[1:]:
@@ -99,9 +59,26 @@ def step_inputs(optimizer: str, state_type, param, grad, state):
     return xp
 
 
-def finite_inputs(optimizer: str, xp, param, grad):
+def finite_inputs(optimizer: str, xp, param, grad, state):
     """Opt-in check_finite=True: raises before anything changes (forces a host sync)."""
     for what, x in (("grad", grad), ("param", param)):
         if not bool(xp.all(xp.isfinite(x))):
             n = int(xp.sum(xp.astype(~xp.isfinite(x), xp.int64)))
             raise ValueError(f"{optimizer}.step: {what} has {n} non-finite element(s) (check_finite=True)")
+    step_count_in_range(optimizer, xp, state.step)
+
+
+def host_step_count(optimizer: str, state):
+    """The step count's range, checked where reading it costs no device sync (a NumPy array)."""
+    if type(state.step).__module__ == "numpy":
+        step_count_in_range(optimizer, namespace(state.step), state.step)
+
+
+def step_count_in_range(optimizer: str, xp, step):
+    """A count below 0 has no meaning; one at its dtype's largest value would wrap on +1."""
+    value, top = int(step), int(xp.iinfo(step.dtype).max)
+    if value < 0:
+        raise ValueError(f"{optimizer}.step: state.step is {value}; a step count cannot be negative")
+    if value >= top:
+        raise ValueError(f"{optimizer}.step: state.step is {value}, the largest value of "
+                         f"{dtype_name(step.dtype)}; one more step would overflow (keep the count in int64)")

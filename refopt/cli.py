@@ -10,12 +10,11 @@ import sys
 import time
 import warnings
 
-from .conformance.ports import ConfigError
+from . import registry
+from .conformance.targets import ConfigError
 
 EXIT_OK, EXIT_FAIL, EXIT_CONFIG = 0, 1, 2
-OPTIMIZERS = ("saveus", "dope")
-DTYPES = ("float16", "bfloat16", "float32", "float64")
-PROFILES = ("reference", "documented")
+OPTIMIZERS, DTYPES, PROFILES = tuple(registry.OPTIMIZERS), registry.DTYPES, registry.PROFILES
 
 
 class _Parser(argparse.ArgumentParser):
@@ -64,7 +63,7 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--report", metavar="FILE.json", help="write a JSON report")
     c.add_argument("--junit", metavar="FILE.xml", help="write JUnit XML (one testcase per vector x target)")
     c.add_argument("--self-test", action="store_true",
-                   help="check that every known porting mistake (refopt.conformance.mutants) is rejected")
+                   help="check that every known porting mistake (refopt.builders.mutants) is rejected")
     c.add_argument("--no-diagnose", action="store_true", help="skip the verdict search for failing vectors")
     g = c.add_mutually_exclusive_group()
     g.add_argument("-q", "--quiet", action="store_true", help="only the final line")
@@ -109,7 +108,7 @@ def _select(args):
 
 
 def _targets(args):
-    from .conformance import ports
+    from .conformance import backends, ports
 
     hmap = ports.parse_hparam_map(args.hparam_map)
     if args.port:
@@ -118,7 +117,7 @@ def _targets(args):
         return [ports.make_port(spec, hmap, args.optimizer) for spec in args.port]
     if args.hparam_map:
         raise ConfigError("--hparam-map needs --port")
-    avail = ports.available_backends()
+    avail = backends.available_backends()
     names = args.backend or list(avail)
     unknown = [n for n in names if n not in avail]
     if unknown:
@@ -127,7 +126,7 @@ def _targets(args):
     for n in names:
         try:
             # a compiled backend runs every vector only when named with --backend
-            targets.append(ports.CoreTarget(avail[n](), sample=not args.backend and n in ports.COMPILED))
+            targets.append(backends.CoreTarget(avail[n](), sample=not args.backend and n in backends.COMPILED))
         except Exception as exc:  # noqa: BLE001 - e.g. a CUDA library without a device
             if args.backend:
                 raise ConfigError(f"--backend {n}: cannot start ({exc})") from None
@@ -209,13 +208,14 @@ def _write_reports(args, results, elapsed, extra=None):
 
 
 def _self_test(args, vecs, t0) -> int:
-    from .conformance import mutants, ports, report, runner
+    from .builders import mutants
+    from .conformance import ports, report, runner
 
     if args.port or args.backend:
         raise ConfigError("--self-test checks refopt's own mistake catalogue; drop --port/--backend")
     rows, all_results = [], []
     for m in mutants.CATALOGUE:
-        target = ports.PythonPort(f"refopt.conformance.mutants:{m.name}", fn=mutants.port_function(m.name))
+        target = ports.PythonPort(f"refopt.builders.mutants:{m.name}", fn=mutants.port_function(m.name))
         mine = [v for v in vecs if v.optimizer == m.optimizer]
         results = runner.run(runner.plan(mine, [target], "reference"))
         all_results += results
@@ -235,7 +235,7 @@ def _self_test(args, vecs, t0) -> int:
 
 def _generate(args) -> int:
     try:
-        from .conformance import generate
+        from .builders import generate
     except ImportError as exc:
         print(f"refopt vectors generate: error: {exc}", file=sys.stderr)
         return EXIT_CONFIG

@@ -1,4 +1,4 @@
-"""Profiles and the quirk register (spec/quirks.md).
+"""Profiles and the quirk register (spec/quirks.md), built from ``refopt.registry.QUIRKS``.
 
 A quirk is a place where the public PyTorch code computes something other than its own
 documentation says. Profile ``reference`` switches every quirk on (what the code executes);
@@ -7,62 +7,51 @@ set on its own, so a port can be told exactly which one it deviates on.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass, fields, replace
-from typing import Mapping
+from collections.abc import Mapping
+from dataclasses import field, fields, make_dataclass, replace
 
-PROFILES = ("reference", "documented")
-
-
-@dataclass(frozen=True)
-class Quirks:
-    #: Q1 (S2, D2) ``x.lerp_(x.div_(s), w)`` aliases: the result is g/s whatever ``normalization``
-    #: is. Off: the documented interpolation ``g + a*(g/s - g)``.
-    aliased_lerp: bool = True
-    #: Q2 (A1: S1, D1, D10) a mean over no trailing axes reduces over all axes (PyTorch). Off: the
-    #: array API's ``axis=()``, which reduces over none. On in both profiles.
-    torch_empty_axis_mean: bool = True
-    #: Q3 (D9) MARS uses this step's processed gradient g_t. Off: g_{t-1}, as documented.
-    mars_current_grad: bool = True
-    #: Q4 (D11) amplification ``lambda * t**lambda``. Off: ``t**lambda``, as documented.
-    lambda_scaled_amplification: bool = True
-    #: Q5 (D11, D12) the amplification and the cautious scale are float32, the scale a
-    #: reciprocal then a multiply. Off: exact scalars in the scalar dtype, ``numel / (k + 1e-8)``.
-    float32_scalars: bool = True
-    #: Q6 (D12) the cautious mask compares the update with the processed gradient g_t. Off: with
-    #: the MARS-corrected natural gradient c_t, as documented.
-    cautious_processed_grad: bool = True
-
-    @classmethod
-    def names(cls) -> tuple[str, ...]:
-        return tuple(f.name for f in fields(cls))
-
-    @classmethod
-    def for_profile(cls, profile: str = "reference", overrides: Mapping[str, bool] | None = None) -> "Quirks":
-        if profile not in PROFILES:
-            raise ValueError(f"Invalid profile: {profile!r}; expected one of {', '.join(PROFILES)}")
-        base = cls() if profile == "reference" else DOCUMENTED
-        if not overrides:
-            return base
-        unknown = sorted(set(overrides) - set(cls.names()))
-        if unknown:
-            raise TypeError(f"unknown quirk {unknown[0]!r}; known quirks: {', '.join(cls.names())}")
-        for name, value in overrides.items():
-            if not isinstance(value, bool):
-                raise TypeError(f"quirk {name!r} must be True or False, got {value!r}")
-        return replace(base, **dict(overrides))
-
-    def as_dict(self) -> dict[str, bool]:
-        return {f.name: getattr(self, f.name) for f in fields(self)}
+from .registry import PROFILES, QUIRKS
 
 
-DOCUMENTED = Quirks(
-    aliased_lerp=False,
-    mars_current_grad=False,
-    lambda_scaled_amplification=False,
-    float32_scalars=False,
-    cautious_processed_grad=False,
+def _names(cls) -> tuple[str, ...]:
+    return tuple(f.name for f in fields(cls))
+
+
+def _for_profile(cls, profile: str = "reference", overrides: Mapping[str, bool] | None = None):
+    """The quirk settings of ``profile``, with ``overrides`` ({quirk name: bool}) applied."""
+    if profile not in PROFILES:
+        raise ValueError(f"Invalid profile: {profile!r}; expected one of {', '.join(PROFILES)}")
+    base = cls(**{name: q.setting(profile) for name, q in QUIRKS.items()})
+    if overrides is None:
+        return base
+    if not isinstance(overrides, Mapping):
+        raise TypeError(f"quirks must be a mapping of quirk names to True/False (or None), got "
+                        f"{type(overrides).__name__} {overrides!r}")
+    unknown = sorted(set(overrides) - set(QUIRKS), key=str)
+    if unknown:
+        raise TypeError(f"unknown quirk {unknown[0]!r}; known quirks: {', '.join(QUIRKS)}")
+    for name, value in overrides.items():
+        if not isinstance(value, bool):
+            raise TypeError(f"quirk {name!r} must be True or False, got {value!r}")
+    return replace(base, **dict(overrides))
+
+
+def _as_dict(self) -> dict[str, bool]:
+    return {f.name: getattr(self, f.name) for f in fields(self)}
+
+
+Quirks = make_dataclass(
+    "Quirks",
+    [(name, bool, field(default=q.reference, metadata={"id": q.id, "clauses": q.clauses}))
+     for name, q in QUIRKS.items()],
+    frozen=True,
+    namespace={"names": classmethod(_names), "for_profile": classmethod(_for_profile), "as_dict": _as_dict},
 )
+Quirks.__module__ = __name__
+Quirks.__doc__ = "Quirk switches (spec/quirks.md); the defaults are profile 'reference'.\n\n" + "\n".join(
+    f"    {name} ({q.id}; {', '.join(q.clauses)}): {q.summary}." for name, q in QUIRKS.items())
 
+DOCUMENTED = Quirks.for_profile("documented")
 #: Which quirks each optimizer's step reads (the others cannot change its result).
-SAVEUS_QUIRKS = ("aliased_lerp", "torch_empty_axis_mean")
-DOPE_QUIRKS = Quirks.names()
+SAVEUS_QUIRKS = tuple(n for n, q in QUIRKS.items() if "saveus" in q.optimizers)
+DOPE_QUIRKS = tuple(n for n, q in QUIRKS.items() if "dope" in q.optimizers)

@@ -1,102 +1,129 @@
-"""SAVEUS, clauses S0-S10 of spec/saveus.md."""
+"""spec/saveus.md as code: SAVEUS, clauses S0-S10, one function per clause.
+
+Read it beside the spec: each function is one clause, each statement one R(.) of its equation
+(``ops`` is the tensor's ``Arithmetic``: A3's rounding and A3.3's scalar roles), and
+``SAVEUS._update`` runs the clauses in the spec's order. S1 and S2 are ``centralize`` and
+``normalize`` of ``refopt.common``, shared with DOPE.
+"""
 from __future__ import annotations
 
-from . import _validate as v
-from ._arrays import Arith, normalizer_std, self_lerp, trailing_mean
-from ._base import Optimizer
+import numbers
+
+from . import registry
+from ._arithmetic import Arithmetic
+from ._optimizer import Optimizer, count_step
 from ._state import SAVEUSState
+from .common import centralize, normalize
+
+default_clip_lambda = registry.clip_lambda_default
 
 
-def default_clip_lambda(t):
-    """S9 default threshold ``t**0.25``; ``t`` is the 1-based step count as a 0-d float array."""
-    return t**0.25
+def acts(value: float) -> bool:
+    """SAVEUS's switches (S1, S2, S8): a hyperparameter acts when it is non-zero, so a negative
+    value acts too (the reference tests ``!= 0``)."""
+    return value != 0
+
+
+def bias_corrections(ops, t, beta1: float, beta2: float, lr: float):
+    """S3 <saveus.md#s3>: step size lr / (1 - beta1**t) and rho = sqrt(1 - beta2**t), in S."""
+    rho = ops.xp.sqrt(ops.one_minus_pow(beta2, t))
+    step_size = lr / ops.one_minus_pow(beta1, t)
+    return step_size, rho
+
+
+def first_moment(ops, ema, g, beta1: float):
+    """S4 <saveus.md#s4>: ema * beta1 + (1 - beta1) * g."""
+    decayed = ops.mul(ema, beta1)
+    return ops.add(decayed, g, alpha=1.0 - beta1)
+
+
+def amplify(ops, g, ema, amp_fac: float):
+    """S5 <saveus.md#s5>: g + amp_fac * ema, with the new ema."""
+    return ops.add(g, ema, alpha=amp_fac)
+
+
+def second_moment(ops, ema_squared, g, beta2: float):
+    """S6 <saveus.md#s6>: ema_squared * beta2 + (1 - beta2) * g * g, of the amplified g."""
+    decayed = ops.mul(ema_squared, beta2)
+    return ops.addcmul(decayed, g, g, value=1.0 - beta2)
+
+
+def denominator(ops, ema_squared, rho, eps: float):
+    """S7 <saveus.md#s7>: sqrt(ema_squared) / rho + eps."""
+    root = ops.sqrt(ema_squared)
+    scaled = ops.div(root, ops.in_work(rho))
+    return ops.add_constant(scaled, eps)
+
+
+def decoupled_weight_decay(ops, p, step_size, weight_decay: float):
+    """S8 <saveus.md#s8>, decoupled: p * (1 - step_size * weight_decay), the factor in S."""
+    factor = ops.in_work(1.0 - step_size * weight_decay)
+    return ops.mul(p, factor)
+
+
+def coupled_weight_decay(ops, g, p, weight_decay: float):
+    """S8 <saveus.md#s8>, coupled: g + weight_decay * p (after S6: not amplified, not in v)."""
+    return ops.add(g, p, alpha=weight_decay)
+
+
+def clip_threshold(ops, clip_lambda, t):
+    """S9 <saveus.md#s9>: the bound clip_lambda(t) as a scalar of the scalar dtype S."""
+    limit = clip_lambda(t)
+    if isinstance(limit, numbers.Real):  # a Python or NumPy number
+        return ops.constant(float(limit), ops.scalar)
+    return ops.xp.astype(limit, ops.scalar)
+
+
+def clip_by_value(ops, g, clip_gradients: bool, clip_lambda, t):
+    """S9 <saveus.md#s9>: if clip_gradients and clip_lambda is set, g clamped to
+    [-clip_lambda(t), clip_lambda(t)], the bound rounded to W."""
+    if not clip_gradients or clip_lambda is None:
+        return g
+    bound = ops.in_work(clip_threshold(ops, clip_lambda, t))
+    return ops.clamp(g, -bound, bound)
+
+
+def parameter_update(ops, p, g, denom, step_size):
+    """S10 <saveus.md#s10>: p - step_size * (g / denom), one rounding (torch's addcdiv)."""
+    return ops.subcdiv(p, g, denom, step_size)
 
 
 class SAVEUS(Optimizer):
-    """SAVEUS as the public PyTorch code computes it (profile ``reference``).
+    """SAVEUS as the public PyTorch code computes it (profile ``reference``; spec/saveus.md).
 
+    A pure optimizer for one array at a time, on any array-API library (NumPy, PyTorch, JAX,
+    CuPy, ...): ``state = opt.init(param)``, then ``param, state = opt.step(param, grad, state)``.
     ``clip_lambda`` receives the step count as a 0-d float array (so the step stays traceable)
-    and must return a number or a 0-d array; it is used only when ``clip_gradients`` is True.
-    """
+    and returns a number or a 0-d array; it is called only when ``clip_gradients`` is True."""
 
-    name = "SAVEUS"
+    facts = registry.SAVEUS
     State = SAVEUSState
-    DEFAULTS = (
-        ("lr", 1e-3),
-        ("betas", (0.9, 0.999)),
-        ("eps", 1e-8),
-        ("weight_decay", 0.0),
-        ("centralization", 0.5),
-        ("normalization", 0.5),
-        ("normalize_channels", True),
-        ("amp_fac", 2.0),
-        ("clip_lambda", default_clip_lambda),
-        ("decouple_weight_decay", False),
-        ("clip_gradients", False),
-    )
-
-    def __init__(self, lr=1e-3, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.0, centralization=0.5,
-                 normalization=0.5, normalize_channels=True, amp_fac=2.0, clip_lambda=default_clip_lambda,
-                 decouple_weight_decay=False, clip_gradients=False, **options):
-        super().__init__(lr=lr, betas=betas, eps=eps, weight_decay=weight_decay,
-                         centralization=centralization, normalization=normalization,
-                         normalize_channels=normalize_channels, amp_fac=amp_fac, clip_lambda=clip_lambda,
-                         decouple_weight_decay=decouple_weight_decay, clip_gradients=clip_gradients, **options)
-
-    def _validate(self, h):
-        # The reference validates nothing; refopt rejects values for which no step is meaningful
-        # (spec/errors.md). Negative weight_decay/centralization/normalization keep their
-        # reference meaning (the switches test != 0), so they stay allowed.
-        h["lr"] = v.real("lr", h["lr"], low=0.0, high=None, msg="Invalid learning rate")
-        h["betas"] = v.betas(h["betas"])
-        h["eps"] = v.real("eps", h["eps"], low=0.0, high=None, msg="Invalid epsilon value")
-        for k in ("weight_decay", "centralization", "normalization", "amp_fac"):
-            h[k] = v.real(k, h[k])
-        for k in ("normalize_channels", "decouple_weight_decay", "clip_gradients"):
-            h[k] = v.flag(k, h[k])
-        if h["clip_lambda"] is not None and not callable(h["clip_lambda"]):
-            raise TypeError(f"clip_lambda must be callable or None, got {h['clip_lambda']!r}")
-        return h
+    UPDATE = (("S0", count_step), ("S1", centralize), ("S2", normalize), ("S3", bias_corrections),
+              ("S4", first_moment), ("S5", amplify), ("S6", second_moment), ("S7", denominator),
+              ("S8", decoupled_weight_decay), ("S8", coupled_weight_decay), ("S9", clip_threshold),
+              ("S9", clip_by_value),
+              ("S10", parameter_update))
 
     def _update(self, param, grad, state):
-        h, q = self._hparams, self.quirks
-        A = Arith(param)
-        xp, rd = A.xp, A.rd
-        b1, b2 = h["betas"]
-        p, g = A.to_work(param), A.to_work(grad)
-        ema, ema_sq = A.to_work(state.ema), A.to_work(state.ema_squared)
-        step = xp.asarray(state.step + 1)  # S0 (NumPy would give a scalar)
-        t = A.step_count(state.step)
+        quirks, (beta1, beta2) = self.quirks, self.betas
+        ops = Arithmetic(param)
+        p, g = ops.widen(param), ops.widen(grad)
+        ema, ema_squared = ops.widen(state.ema), ops.widen(state.ema_squared)
 
-        c = h["centralization"]
-        if c != 0:  # S1 (gate: != 0, so a negative value acts)
-            g = rd(g - rd(rd(trailing_mean(xp, g, q.torch_empty_axis_mean)) * c))
-        a = h["normalization"]
-        if a != 0:  # S2 (value only switches the clause on while aliased_lerp holds)
-            s = normalizer_std(xp, g, h["normalize_channels"])
-            if s is not None:
-                g_hat = rd(g / rd(rd(s) + A.dscalar(1e-8)))
-                g = self_lerp(xp, g_hat) if q.aliased_lerp else rd(g + a * (g_hat - g))
-
-        bc2_sqrt = xp.sqrt(A.one_minus_pow(b2, t))  # S3, scalar dtype
-        step_size = h["lr"] / A.one_minus_pow(b1, t)
-
-        ema = rd(rd(ema * b1) + A.dscalar(1.0 - b1) * g)  # S4
-        g = rd(g + A.dscalar(h["amp_fac"]) * ema)  # S5: the new ema, not bias-corrected
-        ema_sq = rd(rd(ema_sq * b2) + (1.0 - b2) * g * g)  # S6: of the amplified g
-        denom = rd(rd(rd(xp.sqrt(ema_sq)) / A.scalar(bc2_sqrt)) + A.dscalar(h["eps"]))  # S7
-
-        wd = h["weight_decay"]
-        if h["decouple_weight_decay"] and wd != 0:  # S8 decoupled: step_size includes 1/bc1
-            p = rd(p * A.scalar(1.0 - step_size * wd))
-        elif wd != 0:  # S8 coupled: after S6, so neither amplified nor in ema_squared
-            g = rd(g + A.dscalar(wd) * p)
-
-        if h["clip_gradients"] and h["clip_lambda"] is not None:  # S9: clips the final direction
-            lim = h["clip_lambda"](t)
-            lim = A.const(lim, A.sdtype) if isinstance(lim, (int, float)) else xp.astype(lim, A.sdtype)
-            lim = A.scalar(lim)
-            g = rd(xp.minimum(xp.maximum(g, -lim), lim))
-
-        p = rd(p - A.scalar(step_size) * (g / denom))  # S10: one rounding, like addcdiv
-        return A.to_storage(p), SAVEUSState(step, A.to_storage(ema), A.to_storage(ema_sq))
+        step, t = count_step(ops, state.step)                                        # S0
+        if acts(self.centralization):                                                # S1
+            g = centralize(ops, g, self.centralization, quirks.torch_empty_axis_mean)
+        if acts(self.normalization):                                                 # S2
+            g = normalize(ops, g, self.normalization, self.normalize_channels, quirks.aliased_lerp)
+        step_size, rho = bias_corrections(ops, t, beta1, beta2, self.lr)             # S3
+        ema = first_moment(ops, ema, g, beta1)                                       # S4
+        g = amplify(ops, g, ema, self.amp_fac)                                       # S5
+        ema_squared = second_moment(ops, ema_squared, g, beta2)                      # S6
+        denom = denominator(ops, ema_squared, rho, self.eps)                         # S7
+        if self.decouple_weight_decay and acts(self.weight_decay):                   # S8
+            p = decoupled_weight_decay(ops, p, step_size, self.weight_decay)
+        elif acts(self.weight_decay):
+            g = coupled_weight_decay(ops, g, p, self.weight_decay)
+        g = clip_by_value(ops, g, self.clip_gradients, self.clip_lambda, t)          # S9
+        p = parameter_update(ops, p, g, denom, step_size)                            # S10
+        return ops.store(p), SAVEUSState(step, ops.store(ema), ops.store(ema_squared))

@@ -14,19 +14,12 @@ import math
 import shlex
 from dataclasses import dataclass
 
-from ..quirks import PROFILES, Quirks
-from . import mutants, ports
+from ..builders import mutants
+from ..quirks import Quirks
+from ..registry import PROFILES, QUIRKS
+from . import backends
 from .runner import RELEVANT_QUIRKS, judge_outputs
 
-#: quirk -> (id, clauses), as in refopt/quirks.py
-QUIRK_IDS = {
-    "aliased_lerp": ("Q1", "S2, D2"),
-    "torch_empty_axis_mean": ("Q2", "A1; S1, D1, D10"),
-    "mars_current_grad": ("Q3", "D9"),
-    "lambda_scaled_amplification": ("Q4", "D11"),
-    "float32_scalars": ("Q5", "D11, D12"),
-    "cautious_processed_grad": ("Q6", "D12"),
-}
 
 
 @dataclass
@@ -71,7 +64,7 @@ def variants(vector) -> list[Variant]:
     q = Quirks(**{k: bool(v) for k, v in vector.quirks.items() if k in Quirks.names()}).as_dict()
     out = []
     for name in RELEVANT_QUIRKS[vector.optimizer]:
-        qid, clauses = QUIRK_IDS[name]
+        qid, clauses = QUIRKS[name].id, ", ".join(QUIRKS[name].clauses)
         flipped = dict(q, **{name: not q[name]})
         state = "documented" if flipped[name] == Quirks.for_profile("documented").as_dict()[name] else "reference"
         out.append(Variant(f"the {state} profile on {name} ({qid}, clause {clauses})",
@@ -101,7 +94,7 @@ def _score(vector, variant_outputs, port_outputs) -> tuple[bool, float]:
 def verdict_for(vector, port_outputs) -> tuple[str, list]:
     if not port_outputs:
         return "the port produced no output to compare (see the message above)", []
-    core = ports.CoreTarget(ports._numpy_backend())
+    core = backends.CoreTarget(backends.numpy_backend())
     scored = []
     for var in variants(vector):
         try:

@@ -1,67 +1,18 @@
-"""Targets that `refopt check` runs golden vectors on: refopt's own core on each installed array
-backend, and adapters for ports written against PyTorch, optax or plain NumPy.
-
-A target's ``run(vector)`` returns one ``Output(param, state)`` per step of the vector: ``param`` a
-NumPy array in the vector's dtype, ``state`` a dict of NumPy arrays under the reference's names
-(only the names the target exposes; empty when it exposes none). ``skip_reason(vector)`` says why
-a target cannot run a vector at all (a dtype its library lacks, a state it cannot be given).
-A port that raises, or returns the wrong shape or dtype, raises ``PortFailure`` for that vector
-only; an adapter that cannot be built at all raises ``ConfigError`` (exit status 2).
-"""
+"""The kinds of port `refopt check --port` checks: a ``torch.optim.Optimizer`` class, an optax
+factory, or a Python function on NumPy arrays (conformance/PORTING.md). refopt's own backends are
+in ``backends.py``."""
 from __future__ import annotations
 
 import importlib
-import importlib.util
 import inspect
-from typing import Any, Callable, NamedTuple
+from typing import Any, Callable
 
 import numpy as np
 
-STATE_NAMES = {"saveus": ("ema", "ema_squared"), "dope": ("exp_avg", "fim", "fim_diff", "prev_grad")}
-ALL_DTYPES = ("float16", "bfloat16", "float32", "float64")
-
-
-class ConfigError(Exception):
-    """A target or option that cannot be set up: reported in one line, exit status 2."""
-
-
-class PortFailure(Exception):
-    """The target failed on one vector (raised, wrong shape/dtype): that vector fails."""
-
-
-class Output(NamedTuple):
-    param: np.ndarray
-    state: dict
-
-
-def np_dtype(name: str):
-    if name == "bfloat16":
-        import ml_dtypes
-
-        return np.dtype(ml_dtypes.bfloat16)
-    return np.dtype(name)
-
-
-def checked_output(vector, step: int, param, state: dict, *, where: str) -> Output:
-    """The port's param/state for one step as NumPy in the vector's dtype, or PortFailure."""
-    want = np_dtype(vector.dtype)
-    param = _expect(vector, step, "param", param, want, where)
-    named = {k: _expect(vector, step, k, v, want, where) for k, v in state.items()
-             if k in STATE_NAMES[vector.optimizer]}
-    return Output(param, named)
-
-
-def _expect(vector, step, what, value, want, where):
-    try:
-        arr = np.asarray(value)
-    except Exception as exc:  # noqa: BLE001 - anything a port returns must be readable
-        raise PortFailure(f"step {step + 1}: {where} returned a {what} that is not an array ({exc})") from None
-    if arr.shape != tuple(vector.shape):
-        raise PortFailure(f"step {step + 1}: {where} returned {what} of shape {arr.shape}, "
-                          f"expected {tuple(vector.shape)}")
-    if arr.dtype != want:
-        raise PortFailure(f"step {step + 1}: {where} returned {what} of dtype {arr.dtype}, expected {want}")
-    return arr
+from .. import registry
+from .backends import torch_backend
+from .encoding import np_dtype
+from .targets import STATE_NAMES, ConfigError, PortFailure, SkipVector, call_port, checked_output
 
 
 def load_object(spec: str, kind: str):
@@ -101,166 +52,12 @@ def parse_hparam_map(text: str | None) -> dict[str, str]:
     return out
 
 
-def _call(where: str, fn: Callable, *args, **kwargs):
-    try:
-        return fn(*args, **kwargs)
-    except PortFailure:
-        raise
-    except Exception as exc:  # noqa: BLE001 - a port's own error fails only that vector
-        raise PortFailure(f"{where} raised {type(exc).__name__}: {exc}") from None
-
-
 def _fresh_or_given(vector):
     """S0/D0: a fresh state is step 0 with zero buffers."""
     if vector.state0 is not None:
         return dict(vector.state0)
     zeros = {k: np.zeros(vector.shape, np_dtype(vector.dtype)) for k in STATE_NAMES[vector.optimizer]}
     return dict(zeros, step=0)
-
-
-# --------------------------------------------------------------------------------------------
-# refopt's core on an array backend
-
-
-class Backend(NamedTuple):
-    name: str
-    dtypes: tuple
-    to: Callable  # numpy array -> backend array
-    back: Callable  # backend array -> numpy array of the given dtype
-    compile: Callable  # optimizer -> its (possibly compiled) step function
-
-
-def _numpy_backend():
-    return Backend("numpy", ALL_DTYPES, lambda a: np.asarray(a), lambda x, dt: np.asarray(x), _eager)
-
-
-def _eager(opt):
-    return opt.step
-
-
-def _strict_backend():
-    import array_api_strict as xps
-
-    return Backend("array-api-strict", ("float32", "float64"), xps.asarray,
-                   lambda x, dt: np.asarray(x._array), _eager)
-
-
-def _torch_backend(device: str):
-    import torch
-
-    def to(a):
-        if a.dtype == np_dtype("bfloat16"):  # NumPy has no bfloat16 to hand torch: widen exactly
-            return torch.from_numpy(a.astype(np.float32)).to(device=device, dtype=torch.bfloat16)
-        return torch.from_numpy(np.array(a, order="C")).to(device)  # a copy; keeps 0-d arrays 0-d
-
-    def back(x, dt):
-        x = x.detach().cpu()
-        if x.dtype == torch.bfloat16:
-            return x.float().numpy().astype(dt)
-        return x.numpy().copy()  # a port updates its tensors in place: keep this step's values
-
-    return Backend(f"torch-{device}", ALL_DTYPES, to, back, _eager)
-
-
-def _jax_backend():
-    import jax
-
-    jax.config.update("jax_enable_x64", True)  # float64 vectors need x64 before jax is used
-    import jax.numpy as jnp
-
-    cache: dict = {}
-
-    def compile_step(opt):
-        # One jitted function per configuration; jax re-traces it per shape and dtype. Compiling
-        # costs ~1 s a time on a small CPU, so equal configurations share it.
-        key = (type(opt), tuple(opt.hparams.items()), tuple(opt.quirks.as_dict().items()))
-        try:
-            return cache.setdefault(key, jax.jit(opt.step))
-        except TypeError:  # an unhashable hyperparameter (a custom clip_lambda)
-            return jax.jit(opt.step)
-
-    return Backend("jax", ALL_DTYPES, jnp.asarray, lambda x, dt: np.asarray(x), compile_step)
-
-
-def _torch_cuda_backend():
-    import torch
-
-    if not torch.cuda.is_available():
-        raise ImportError("CUDA is not available")
-    return _torch_backend("cuda")
-
-
-def _cupy_backend():
-    import cupy
-
-    if cupy.cuda.runtime.getDeviceCount() < 1:
-        raise ImportError("no GPU")
-    dts = ("float16", "float32", "float64")  # CuPy has no bfloat16
-    return Backend("cupy", dts, cupy.asarray, lambda x, dt: cupy.asnumpy(x), _eager)
-
-
-def available_backends() -> dict[str, Callable[[], Backend]]:
-    """Name -> factory for every backend whose library is installed (and device present)."""
-    out: dict[str, Callable[[], Backend]] = {"numpy": _numpy_backend}
-    if importlib.util.find_spec("array_api_strict"):
-        out["array-api-strict"] = _strict_backend
-    if importlib.util.find_spec("torch"):
-        out["torch-cpu"] = lambda: _torch_backend("cpu")
-        out["torch-cuda"] = _torch_cuda_backend
-    if importlib.util.find_spec("jax"):
-        out["jax"] = _jax_backend
-    if importlib.util.find_spec("cupy"):
-        out["cupy"] = _cupy_backend
-    return out
-
-
-def make_core_state(opt, vector, to):
-    if vector.state0 is None:
-        return None
-    fields = {k: to(np.asarray(v)) for k, v in vector.state0.items() if k != "step"}
-    return opt.State(step=to(np.asarray(int(vector.state0["step"]), dtype=np.int64)), **fields)
-
-
-#: Backends whose every new configuration, shape and dtype costs a compilation (~1 s on a small
-#: CPU): a plain `refopt check` runs them on a sample (SAMPLE_PER_GROUP vectors per optimizer x
-#: dtype); naming them with --backend runs every vector.
-COMPILED = ("jax",)
-SAMPLE_PER_GROUP = 2
-
-
-class CoreTarget:
-    """refopt's reference core, run on one array backend with the vector's own profile/quirks."""
-
-    kind = "core"
-    optimizers = None  # every optimizer
-
-    def __init__(self, backend: Backend, sample: bool = False):
-        self.backend = backend
-        self.sample = sample
-        self.name = f"refopt[{backend.name}]" + (" (sample)" if sample else "")
-
-    def skip_reason(self, vector) -> str | None:
-        if vector.dtype not in self.backend.dtypes:
-            return f"{self.backend.name} has no {vector.dtype}"
-        return None
-
-    def run(self, vector, make=None) -> list[Output]:
-        b = self.backend
-        opt = (make or vector.make_reference)()
-        p = b.to(vector.param0)
-        state = make_core_state(opt, vector, b.to)
-        state = opt.init(p) if state is None else state
-        step = b.compile(opt)
-        dt = np_dtype(vector.dtype)
-        out = []
-        for s in vector.steps:
-            p, state = _call(self.name, step, p, b.to(s.grad), state)
-            out.append(Output(b.back(p, dt), {k: b.back(state[k], dt) for k in STATE_NAMES[vector.optimizer]}))
-        return out
-
-
-# --------------------------------------------------------------------------------------------
-# ports
 
 
 class PythonPort:
@@ -284,12 +81,12 @@ class PythonPort:
         p, state = np.array(vector.param0), _fresh_or_given(vector)
         out = []
         for k, s in enumerate(vector.steps):
-            res = _call(self.name, self.fn, vector.optimizer, p.copy(), np.array(s.grad), dict(state), dict(h))
+            res = call_port(self.name, self.fn, vector.optimizer, p.copy(), np.array(s.grad), dict(state), dict(h))
             if not (isinstance(res, tuple) and len(res) == 2 and hasattr(res[1], "keys")):
                 raise PortFailure(f"step {k + 1}: {self.name} must return (new_param, new_state dict), "
                                   f"got {type(res).__name__}")
             o = checked_output(vector, k, res[0], {n: res[1][n] for n in res[1].keys() if n != "step"},
-                               where=self.name)
+                               where=self.name, count=res[1].get("step"))
             p, state = o.param, dict(o.state, step=res[1].get("step", state.get("step", 0)))
             out.append(o)
         return out
@@ -312,7 +109,7 @@ class TorchPort:
         if not (isinstance(self.cls, type) and issubclass(self.cls, torch.optim.Optimizer)):
             raise ConfigError(f"--port {self.spec}: {self.cls!r} is not a torch.optim.Optimizer subclass")
         self.hparam_map = hparam_map or {}
-        self.backend = _torch_backend("cpu")
+        self.backend = torch_backend("cpu")
 
     def skip_reason(self, vector) -> str | None:
         return None
@@ -322,17 +119,17 @@ class TorchPort:
         dt = np_dtype(vector.dtype)
         h = rename(vector.optimizer_hparams(), self.hparam_map)
         p = torch.nn.Parameter(b.to(np.array(vector.param0)))
-        opt = _call(self.name, self.cls, [p], **h)
+        opt = call_port(self.name, self.cls, [p], **h)
         if vector.state0 is not None:
             self._restore(opt, p, vector)
         out = []
         for k, s in enumerate(vector.steps):
             p.grad = b.to(np.array(s.grad))  # a fresh tensor: many ports modify p.grad in place
-            _call(self.name, opt.step)
+            call_port(self.name, opt.step)
             st = opt.state.get(p, {})
             names = [n for n in STATE_NAMES[vector.optimizer] if torch.is_tensor(st.get(n))]
             out.append(checked_output(vector, k, _np(p, b, dt), {n: _np(st[n], b, dt) for n in names},
-                                      where=self.name))
+                                      where=self.name, count=st.get("step")))
         return out
 
     def _restore(self, opt, p, vector):
@@ -340,7 +137,7 @@ class TorchPort:
         entries); then p and the named entries are overwritten, 'step' keeping the port's type."""
         torch, b = self.torch, self.backend
         p.grad = torch.zeros_like(p)
-        _call(self.name, opt.step)
+        call_port(self.name, opt.step)
         with torch.no_grad():
             p.copy_(b.to(np.array(vector.param0)))
         st = opt.state[p]
@@ -399,11 +196,11 @@ class OptaxPort:
         import jax.numpy as jnp
         import optax
 
-        tx = _call(self.name, self.factory, **rename(vector.optimizer_hparams(), self.hparam_map))
+        tx = call_port(self.name, self.factory, **rename(vector.optimizer_hparams(), self.hparam_map))
         if not (hasattr(tx, "init") and hasattr(tx, "update")):
             raise PortFailure(f"{self.name} did not return an optax GradientTransformation (got {type(tx).__name__})")
         p = jnp.asarray(vector.param0)
-        state = _call(self.name, tx.init, p)
+        state = call_port(self.name, tx.init, p)
         if vector.state0 is not None:
             state = inject_state(state, vector.state0, jnp.asarray)
             if state is None:
@@ -411,16 +208,13 @@ class OptaxPort:
                             "state cannot be injected")
         out = []
         for k, s in enumerate(vector.steps):
-            updates, state = _call(self.name, tx.update, jnp.asarray(s.grad), state, p)
-            p = _call(self.name, optax.apply_updates, p, updates)
+            updates, state = call_port(self.name, tx.update, jnp.asarray(s.grad), state, p)
+            p = call_port(self.name, optax.apply_updates, p, updates)
             found = find_named(state, STATE_NAMES[vector.optimizer])
             named = {n: np.asarray(getattr(found, n)) for n in STATE_NAMES[vector.optimizer]} if found else {}
-            out.append(checked_output(vector, k, np.asarray(p), named, where=self.name))
+            count = next((getattr(found, c) for c in ("step", "count") if found and c in found._fields), None)
+            out.append(checked_output(vector, k, np.asarray(p), named, where=self.name, count=count))
         return out
-
-
-class SkipVector(Exception):
-    """Raised by a target's run() when a vector turns out not to be runnable on it."""
 
 
 def find_named(tree, names) -> Any:

@@ -11,11 +11,13 @@ import time
 from dataclasses import dataclass, field
 from typing import Callable
 
-from ..quirks import DOPE_QUIRKS, SAVEUS_QUIRKS, Quirks
-from . import ports
+from .. import registry
+from ..quirks import Quirks
+from . import backends
+from .targets import PortFailure, SkipVector
 from .tolerance import judge
 
-RELEVANT_QUIRKS = {"saveus": SAVEUS_QUIRKS, "dope": DOPE_QUIRKS}
+RELEVANT_QUIRKS = {key: facts.quirks for key, facts in registry.OPTIMIZERS.items()}
 
 
 @dataclass
@@ -48,6 +50,8 @@ def judge_outputs(vector, outputs) -> tuple[str, float, int, int, dict | None]:
     worst, bitwise, compared = 0.0, 0, 0
     for k, out in enumerate(outputs):
         checks = [("param", out.param)] + sorted(out.state.items())
+        if out.step is not None:
+            checks.append(("step", out.step))
         for what, actual in checks:
             j = judge(vector, k, actual, what=what)
             if what == "param":
@@ -83,9 +87,9 @@ def run_case(vector, target) -> CaseResult:
         return CaseResult(vector, target, "skipped", reason)
     try:
         outputs = target.run(vector)
-    except ports.SkipVector as exc:
+    except SkipVector as exc:
         return CaseResult(vector, target, "skipped", str(exc), seconds=time.perf_counter() - t0)
-    except ports.PortFailure as exc:
+    except PortFailure as exc:
         return CaseResult(vector, target, "failed", str(exc), math.inf, seconds=time.perf_counter() - t0)
     status, worst, bitwise, compared, fb = judge_outputs(vector, outputs)
     msg = "" if fb is None else f"step {fb['step']}: {fb['reason']}"
@@ -110,7 +114,7 @@ def plan(vectors, targets, port_profile: str = "reference") -> list[tuple]:
 def sample(vectors, per_group: int | None = None) -> list:
     """A deterministic sample covering every optimizer x dtype: a vector starting from a given
     state and a multi-axis one first, as they exercise the most of a step."""
-    n = ports.SAMPLE_PER_GROUP if per_group is None else per_group
+    n = backends.SAMPLE_PER_GROUP if per_group is None else per_group
     groups: dict = {}
     for v in vectors:
         groups.setdefault((v.optimizer, v.dtype), []).append(v)

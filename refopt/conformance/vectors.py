@@ -13,6 +13,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
+from .. import registry
 from ..quirks import Quirks
 from .encoding import decode
 
@@ -20,7 +21,8 @@ FORMAT = "refopt-conformance-vector"
 FORMAT_VERSION = 1
 VECTORS_SUBDIR = "vectors"
 CHECKSUMS = "SHA256SUMS"
-OPTIMIZERS = ("saveus", "dope")
+OPTIMIZERS = tuple(registry.OPTIMIZERS)
+STATE_NAMES = {key: facts.buffers for key, facts in registry.OPTIMIZERS.items()}
 
 
 class VectorFileError(Exception):
@@ -111,7 +113,7 @@ def hparams_to_json(optimizer: str, h: dict) -> dict:
             out["clip_lambda"] = None
         elif isinstance(cl, PowerLambda):
             out["clip_lambda"] = {"power": cl.power}
-        elif getattr(cl, "__name__", "") == "default_clip_lambda":
+        elif cl is registry.clip_lambda_default:
             out["clip_lambda"] = {"power": 0.25}
         else:
             raise ValueError("clip_lambda must be None, PowerLambda or the default to be stored in a vector")
@@ -177,7 +179,7 @@ def load(path=None, *, optimizer=None, dtype=None, profile=None, ids=None) -> li
         raw = f.read_bytes()
         if hashlib.sha256(raw).hexdigest() != sums[f"{VECTORS_SUBDIR}/{f.name}"]:
             raise VectorFileError(f"{f}: checksum mismatch (edited or damaged; regenerate with "
-                                  f"`python -m refopt.conformance.generate`)")
+                                  f"`refopt vectors generate`)")
         vec = parse(raw, f)
         if all(want[k] is None or getattr(vec, k) in want[k] for k in ("optimizer", "dtype", "profile")):
             out.append(vec)
@@ -217,7 +219,6 @@ def _state(obj, names, where, dtype=None):
     return out
 
 
-STATE_NAMES = {"saveus": ("ema", "ema_squared"), "dope": ("exp_avg", "fim", "fim_diff", "prev_grad")}
 
 
 def _build(doc, where) -> Vector:

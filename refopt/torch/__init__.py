@@ -29,50 +29,12 @@ from ._optim import TorchOptimizer, bias_scalars
 
 __all__ = ["SAVEUS", "DOPE"]
 
-_COMMON_DOC = """
-    Differences from the original PyTorch code, all deliberate:
-
-    * ``p.grad`` is left untouched (the original centralizes, normalizes and clips it in place);
-      the processed gradient is built in the optimizer's scratch buffers.
-    * Hyperparameters are validated (spec/errors.md), also for groups added later and at each
-      step (a scheduler may have changed them); sparse gradients raise RuntimeError.
-    * A step checks every group before writing anything, so a step that raises leaves all
-      parameters and state unchanged.
-    * ``state_dict()`` carries a format tag (param group key ``refopt_format``);
-      ``load_state_dict`` rejects another optimizer's or another version's state with ValueError.
-
-    Options: ``profile`` and ``quirks`` as in the core; ``foreach`` (None or True: group small
-    tensors into multi-tensor ``torch._foreach_*`` calls; False: one tensor at a time; the
-    results are the same on CPU); ``cpu_threads`` (default 1). On CPU a step runs its ops on
-    ``cpu_threads`` intra-op threads (it calls ``torch.set_num_threads`` for the step's duration
-    and restores the setting after; ``cpu_threads=None`` leaves torch's setting alone, which
-    suits machines with many cores, where one thread cannot use the memory bandwidth) and processes
-    large tensors in blocks of rows that stay in cache: faster than whole-tensor ops on all
-    threads, which are bound by memory bandwidth, and immune to the stalls of many short
-    parallel regions on a busy machine. Per element nothing changes (the trailing-axis reductions are per row), only DOPE's
-    whole-tensor D3 norm is summed block by block. The optimizer keeps reusable scratch buffers
-    (``scratch_bytes()``: one tensor's worth for DOPE's processed gradient plus a few blocks);
-    they are not part of the state.
-
-    Parameters may be float16, bfloat16, float32 or float64, on any device; parameters whose
-    ``grad`` is None are skipped; empty parameters only count the step (A6).
-"""
 
 
 class SAVEUS(TorchOptimizer):
-    Core = _saveus.SAVEUS
-    BUFFERS = ("ema", "ema_squared")
+    """SAVEUS (refopt.SAVEUS semantics, spec/saveus.md) as a ``torch.optim.Optimizer``."""
 
-    def __init__(self, params, lr=1e-3, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.0, centralization=0.5,
-                 normalization=0.5, normalize_channels=True, amp_fac=2.0, clip_lambda=_saveus.default_clip_lambda,
-                 decouple_weight_decay=False, clip_gradients=False, *, profile="reference", quirks=None,
-                 foreach=None, cpu_threads=1):
-        super().__init__(params, dict(
-            lr=lr, betas=betas, eps=eps, weight_decay=weight_decay, centralization=centralization,
-            normalization=normalization, normalize_channels=normalize_channels, amp_fac=amp_fac,
-            clip_lambda=clip_lambda, decouple_weight_decay=decouple_weight_decay,
-            clip_gradients=clip_gradients), profile=profile, quirks=quirks, foreach=foreach,
-            cpu_threads=cpu_threads)
+    Core = _saveus.SAVEUS
 
     def _scalars(self, core, t, device, dtype):
         s = bias_scalars(core, t)
@@ -93,19 +55,9 @@ class SAVEUS(TorchOptimizer):
 
 
 class DOPE(TorchOptimizer):
-    Core = _dope.DOPE
-    BUFFERS = ("exp_avg", "fim", "fim_diff", "prev_grad")
+    """DOPE (refopt.DOPE semantics, spec/dope.md) as a ``torch.optim.Optimizer``."""
 
-    def __init__(self, params, lr=1.5e-4, betas=(0.999, 0.9999), momentum_beta=0.9999, eps=1e-6, eps2=1e-2,
-                 eps_floor=None, weight_decay=0.01, centralization=0.5, normalization=0.5, diff_mult=1.0,
-                 momentum_lambda=0.25, gamma=0.0005, clip=1.0, cautious=True, normalize_channels=True, *,
-                 profile="reference", quirks=None, foreach=None, cpu_threads=1):
-        super().__init__(params, dict(
-            lr=lr, betas=betas, momentum_beta=momentum_beta, eps=eps, eps2=eps2, eps_floor=eps_floor,
-            weight_decay=weight_decay, centralization=centralization, normalization=normalization,
-            diff_mult=diff_mult, momentum_lambda=momentum_lambda, gamma=gamma, clip=clip, cautious=cautious,
-            normalize_channels=normalize_channels), profile=profile, quirks=quirks, foreach=foreach,
-            cpu_threads=cpu_threads)
+    Core = _dope.DOPE
 
     def _scalars(self, core, t, device, dtype):
         s = bias_scalars(core, t)
@@ -155,8 +107,3 @@ class DOPE(TorchOptimizer):
         return [K.clip_coef(v[0] if len(v) == 1 else torch.linalg.vector_norm(torch.stack(v)), h["clip"], dtype)
                 for v in norms]
 
-
-SAVEUS.__doc__ = ("SAVEUS (refopt.SAVEUS semantics) as a torch optimizer; state per parameter: "
-                  "``step`` (int), ``ema``, ``ema_squared``.\n" + _COMMON_DOC)
-DOPE.__doc__ = ("DOPE (refopt.DOPE semantics) as a torch optimizer; state per parameter: ``step`` "
-                "(int), ``exp_avg`` (centred momentum), ``fim``, ``fim_diff``, ``prev_grad``.\n" + _COMMON_DOC)

@@ -3,10 +3,13 @@ hyperparameters validated by the core, checks before any write, state, state_dic
 from __future__ import annotations
 
 import contextlib
+import inspect
 import math
 
 import torch
 
+from .. import _docs
+from .._optimizer import bind_hparams
 from . import _kernels as K
 from . import _plan
 
@@ -15,15 +18,56 @@ FORMAT_KEY = "refopt_format"
 FORMAT_VERSION = 1
 
 
+ADAPTER_NOTES = """
+    Differences from the original PyTorch code, all deliberate:
+
+    * ``p.grad`` is left untouched (the original centralizes, normalizes and clips it in place);
+      the processed gradient is built in the optimizer's scratch buffers.
+    * Hyperparameters are validated (spec/errors.md), also for groups added later and at each
+      step (a scheduler may have changed them); sparse gradients raise RuntimeError.
+    * A step checks every group before writing anything, so a step that raises leaves all
+      parameters and state unchanged.
+    * ``state_dict()`` carries a format tag (param group key ``refopt_format``);
+      ``load_state_dict`` rejects another optimizer's or another version's state with ValueError.
+
+    Options: ``profile`` and ``quirks`` as in the core; ``foreach`` (None or True: group small
+    tensors into multi-tensor ``torch._foreach_*`` calls; False: one tensor at a time; the
+    results are the same on CPU); ``cpu_threads`` (default 1). On CPU a step runs its ops on
+    ``cpu_threads`` intra-op threads (it calls ``torch.set_num_threads`` for the step's duration
+    and restores the setting after; ``cpu_threads=None`` leaves torch's setting alone, which
+    suits machines with many cores, where one thread cannot use the memory bandwidth) and processes
+    large tensors in blocks of rows that stay in cache: faster than whole-tensor ops on all
+    threads, which are bound by memory bandwidth, and immune to the stalls of many short
+    parallel regions on a busy machine. Per element nothing changes (the trailing-axis reductions are per row), only DOPE's
+    whole-tensor D3 norm is summed block by block. The optimizer keeps reusable scratch buffers
+    (``scratch_bytes()``: one tensor's worth for DOPE's processed gradient plus a few blocks);
+    they are not part of the state.
+
+    Parameters may be float16, bfloat16, float32 or float64, on any device; parameters whose
+    ``grad`` is None are skipped; empty parameters only count the step (A6).
+"""
+
+
+_OPTIONS = (("profile", "reference"), ("quirks", None), ("foreach", None), ("cpu_threads", 1))
+
+
 class TorchOptimizer(torch.optim.Optimizer):
     """Base class: ``Core`` is the refopt optimizer that validates a group's hyperparameters and
-    defines its semantics; ``BUFFERS`` are the state buffers after ``step``, in the core's order."""
+    defines its semantics; ``BUFFERS`` are the state buffers after ``step``, in the core's order.
+    A subclass's signature and docstring are built from the registry (refopt.registry)."""
 
     Core: type
     BUFFERS: tuple[str, ...]
 
-    def __init__(self, params, hparams: dict, *, profile="reference", quirks=None, foreach=None,
-                 cpu_threads=1):
+    def __init_subclass__(cls, **kwargs):
+        super().__init_subclass__(**kwargs)
+        if "Core" in cls.__dict__:
+            cls.BUFFERS = cls.Core.facts.buffers
+            cls.__init__ = _make_init(cls)
+            cls.__doc__ = _class_doc(cls)
+
+    def _setup(self, params, hparams: dict, *, profile="reference", quirks=None, foreach=None,
+               cpu_threads=1):
         if cpu_threads is not None and (isinstance(cpu_threads, bool) or not isinstance(cpu_threads, int)
                                         or cpu_threads < 1):
             raise ValueError(f"cpu_threads must be None or a positive int, got {cpu_threads!r}")
@@ -42,14 +86,14 @@ class TorchOptimizer(torch.optim.Optimizer):
     # ---- hyperparameters -------------------------------------------------------------------
     @classmethod
     def _format_tag(cls, version=FORMAT_VERSION) -> str:
-        return f"refopt.torch.{cls.Core.name}/{version}"
+        return f"refopt.torch.{cls.Core.facts.name}/{version}"
 
     def _core(self, group: dict):
         """The core optimizer for ``group``'s values: the core's validation, errors and all."""
         foreach = group.get("foreach")
         if foreach is not None and not isinstance(foreach, bool):
             raise TypeError(f"foreach must be None, True or False, got {foreach!r}")
-        hp = {k: group[k] for k, _ in self.Core.DEFAULTS if k in group}
+        hp = {h.name: group[h.name] for h in self.Core.facts.hparams if h.name in group}
         return self.Core(**hp, profile=group.get("profile", "reference"), quirks=group.get("quirks"))
 
     def add_param_group(self, param_group: dict) -> None:
@@ -92,7 +136,7 @@ class TorchOptimizer(torch.optim.Optimizer):
         return [(core, foreach, ps, t, self._scalars(core, t, dev, dt)) for (dev, dt, t), ps in buckets.items()]
 
     def _check(self, p):
-        grad, name = p.grad, self.Core.name
+        grad, name = p.grad, self.Core.facts.name
         if grad.is_sparse or grad.layout != torch.strided:
             raise RuntimeError(f"refopt.torch.{name} does not support sparse gradients")
         if p.dtype not in FLOATS:
@@ -106,7 +150,7 @@ class TorchOptimizer(torch.optim.Optimizer):
             self._check_state(st, p.shape, p)
 
     def _check_state(self, st, shape, p=None):
-        name = self.Core.name
+        name = self.Core.facts.name
         if set(st) != {"step", *self.BUFFERS}:
             raise ValueError(f"refopt.torch.{name}: parameter state has keys {sorted(st)}, expected "
                              f"{['step', *self.BUFFERS]} (is it another optimizer's state?)")
@@ -149,7 +193,7 @@ class TorchOptimizer(torch.optim.Optimizer):
     def load_state_dict(self, state_dict) -> None:
         """torch's load, after checking that ``state_dict`` comes from this optimizer class in
         this format version, with valid hyperparameters and state matching the parameters."""
-        name, want = self.Core.name, self._format_tag()
+        name, want = self.Core.facts.name, self._format_tag()
         if not isinstance(state_dict, dict) or not {"state", "param_groups"} <= set(state_dict):
             raise ValueError(f"refopt.torch.{name}.load_state_dict: expected a dict with 'state' and "
                              "'param_groups' (from state_dict())")
@@ -201,3 +245,36 @@ def _cpu_threads(active: bool, n):
         yield
     finally:
         torch.set_num_threads(old)
+
+
+def _make_init(cls):
+    facts = cls.Core.facts
+
+    def __init__(self, params, *args, profile="reference", quirks=None, foreach=None, cpu_threads=1, **hparams):
+        values = bind_hparams(facts, args, hparams, f"refopt.torch.{facts.name}()")
+        self._setup(params, values, profile=profile, quirks=quirks, foreach=foreach, cpu_threads=cpu_threads)
+
+    P = inspect.Parameter
+    params = [P("self", P.POSITIONAL_OR_KEYWORD), P("params", P.POSITIONAL_OR_KEYWORD)]
+    params += [P(h.name, P.POSITIONAL_OR_KEYWORD, default=h.default) for h in facts.hparams]
+    params += [P(n, P.KEYWORD_ONLY, default=d) for n, d in _OPTIONS]
+    __init__.__signature__ = inspect.Signature(params)
+    __init__.__qualname__ = f"{cls.__name__}.__init__"
+    return __init__
+
+
+def _class_doc(cls) -> str:
+    facts = cls.Core.facts
+    head = inspect.cleandoc(cls.__dict__.get("__doc__") or "")
+    options = ("    foreach (None | bool): group small tensors into multi-tensor torch._foreach_* calls "
+               "(None, True) or step one tensor at a time (False).\n"
+               "    cpu_threads (int | None, default 1): intra-op threads for a CPU step (see below).")
+    parts = [head, "    params: an iterable of tensors or of parameter-group dicts, as for any torch.optim "
+                   "optimizer.", _docs.args_section(facts, extra=options),
+             _docs.update_section(facts, cls.Core.UPDATE), _docs.state_section(facts).replace(
+                 f"State: {facts.name}State(", "State per parameter (``opt.state[p]``): ("),
+             _docs.ZERO_GRADIENT_NOTE]
+    if facts.key == "dope":
+        parts.append(_docs.DOPE_DECAY_NOTE)
+    parts.append(inspect.cleandoc(ADAPTER_NOTES))
+    return "\n\n".join(p for p in parts if p)

@@ -51,10 +51,10 @@ def test_optax_adapter_passes_the_float64_vectors(factory, capsys):
 def test_optax_rowblocked_dope_path_passes_the_vectors(monkeypatch, capsys):
     """The large-leaf DOPE path of refopt.optax, forced onto every vector leaf of 2 or more axes."""
     optax_adapter = pytest.importorskip("refopt.optax")
-    monkeypatch.setattr(optax_adapter, "ROWBLOCK_MIN_NUMEL", 1)
+    monkeypatch.setattr(optax_adapter._rowblock, "MIN_NUMEL", 1)
     taken = []
-    real = optax_adapter._rowblock_step
-    monkeypatch.setattr(optax_adapter, "_rowblock_step", lambda *a: taken.append(1) or real(*a))
+    real = optax_adapter._rowblock.step
+    monkeypatch.setattr(optax_adapter._rowblock, "step", lambda *a: taken.append(1) or real(*a))
     rc = main(["check", "--port", "optax:refopt.optax:dope", "--dtype", "float64,float32", "-q"])
     out = capsys.readouterr()
     assert rc == 0, out.out + out.err

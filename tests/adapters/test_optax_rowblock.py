@@ -22,8 +22,8 @@ HPARAMS = [
 
 @pytest.fixture
 def rowblock(monkeypatch):
-    monkeypatch.setattr(ro, "ROWBLOCK_MIN_NUMEL", 1)
-    monkeypatch.setattr(ro, "_BLOCK_BYTES", 40)  # a few rows per block: several blocks per leaf
+    monkeypatch.setattr(ro._rowblock, "MIN_NUMEL", 1)
+    monkeypatch.setattr(ro._rowblock, "BLOCK_BYTES", 40)  # a few rows per block: several blocks per leaf
 
 
 def run(dtype, hp, steps=4):
@@ -44,7 +44,7 @@ def run(dtype, hp, steps=4):
 @pytest.mark.parametrize("hp", HPARAMS)
 @pytest.mark.parametrize("dtype,rel", [(np.float64, 1e-12), (np.float32, 1e-5)])
 def test_rowblock_matches_core(rowblock, hp, dtype, rel):
-    assert ro._rowblock_ok(refopt.DOPE(**hp), jax.numpy.zeros((12, 5), dtype))
+    assert ro._rowblock.applies(refopt.DOPE(**hp), jax.numpy.zeros((12, 5), dtype))
     want, got_p, state = run(dtype, hp)
     for k in SHAPES:
         pairs = [(got_p[k], want[k][0])] + [(getattr(state, f)[k], want[k][1][f])
@@ -58,7 +58,7 @@ def test_rowblock_matches_core(rowblock, hp, dtype, rel):
 
 def test_rowblock_not_for_16bit_vectors_or_saveus(rowblock):
     opt = refopt.DOPE()
-    assert not ro._rowblock_ok(opt, jax.numpy.zeros((8, 8), jax.numpy.bfloat16))
-    assert not ro._rowblock_ok(opt, jax.numpy.zeros((64,), jax.numpy.float32))
-    assert not ro._rowblock_ok(refopt.SAVEUS(), jax.numpy.zeros((8, 8), jax.numpy.float32))
-    assert not ro._rowblock_ok(opt.replace(normalize_channels=False), jax.numpy.zeros((8, 8), jax.numpy.float32))
+    assert not ro._rowblock.applies(opt, jax.numpy.zeros((8, 8), jax.numpy.bfloat16))
+    assert not ro._rowblock.applies(opt, jax.numpy.zeros((64,), jax.numpy.float32))
+    assert not ro._rowblock.applies(refopt.SAVEUS(), jax.numpy.zeros((8, 8), jax.numpy.float32))
+    assert not ro._rowblock.applies(opt.replace(normalize_channels=False), jax.numpy.zeros((8, 8), jax.numpy.float32))

@@ -220,10 +220,10 @@ def test_defaults_are_the_cores():
 
     for cls, core_cls in OPTS.values():
         sig = inspect.signature(cls.__init__).parameters
-        for k, d in core_cls.DEFAULTS:
-            assert sig[k].default == d, (cls, k)
+        for h in core_cls.facts.hparams:
+            assert sig[h.name].default == h.default, (cls, h.name)
         opt = cls([torch.nn.Parameter(torch.zeros(2))])
-        assert {k: opt.defaults[k] for k, _ in core_cls.DEFAULTS} == core_cls().hparams
+        assert {h.name: opt.defaults[h.name] for h in core_cls.facts.hparams} == core_cls().hparams
 
 
 # ---- validation ----------------------------------------------------------------------------

@@ -10,7 +10,8 @@ import numpy as np
 import pytest
 
 import refopt
-from refopt.conformance import judge, load, mca
+from refopt.builders import mca
+from refopt.conformance import judge, load
 from refopt.conformance.encoding import np_dtype
 from refopt.conformance.tolerance import ulp
 

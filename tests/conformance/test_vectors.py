@@ -12,7 +12,8 @@ import numpy as np
 import pytest
 
 import refopt
-from refopt.conformance import Vector, VectorFileError, catalog, default_dir, generate, load
+from refopt.builders import catalog, generate
+from refopt.conformance import Vector, VectorFileError, default_dir, load
 from refopt.conformance.encoding import decode, encode
 from refopt.conformance.vectors import CHECKSUMS, VECTORS_SUBDIR, hparams_to_json
 

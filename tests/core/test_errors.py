@@ -89,7 +89,7 @@ def _bad_steps():
         ("complex param", D, lambda o: o.step(_p(dtype=complex), _p(dtype=complex), o.init(p)), TypeError,
          r"got complex128"),
         ("int init", S, lambda o: o.init(np.ones(3, int)), TypeError,
-         r"SAVEUS.init: param dtype must be real floating, got int64"),
+         r"SAVEUS.init: param dtype must be one of float16, bfloat16, float32, float64, got int64"),
         ("list param", D, lambda o: o.step([1.0, 2.0, 3.0], p, o.init(p)), TypeError,
          r"param must be an array, got list"),
         ("two libraries", D, lambda o: o.step(p, torch.ones(3, dtype=torch.float64), o.init(p)), TypeError,

@@ -16,7 +16,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from refopt.oracle import trajectory
+from refopt.builders.oracle import trajectory
 
 ULPS = 6
 EPS = np.finfo(np.float64).eps
@@ -84,7 +84,7 @@ def test_float64_matches_oracle(core, name, hset, shape, profile):
 def test_oracle_float32_scalars_are_float32_values():
     """D11/D12 under float32_scalars: the oracle's scalars are exactly float32 numbers, and differ
     from the exact ones by no more than float32 rounding (so the quirk is tiny but nonzero)."""
-    from refopt import oracle
+    from refopt.builders import oracle
 
     for t in (1, 2, 3, 7, 1000):
         a32 = oracle._amplification(t, 0.25, True, True)

@@ -13,7 +13,7 @@ import json
 import numpy as np
 import pytest
 
-from refopt.oracle import trajectory
+from refopt.builders.oracle import trajectory
 
 BOUND = {"float64": 1e-12, "float32": 2e-4, "bfloat16": 2e-4}
 #: jax.jit compiles each recording's optimizer afresh (~1 s each on 2 cores): it replays one

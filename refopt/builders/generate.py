@@ -1,4 +1,4 @@
-"""Generate the golden vectors: ``python -m refopt.conformance.generate [--out DIR] [--check]``.
+"""Generate the golden vectors: ``refopt vectors generate [--out DIR] [--check]``.
 
 Deterministic: every random number comes from a PCG64 seeded by the case name, every value is
 written as raw little-endian bytes, hyperparameters as the shortest round-trip decimal, keys in
@@ -22,10 +22,11 @@ import sys
 import numpy as np
 
 from .. import SPEC_VERSION
-from . import catalog, mca, tolerance
-from .encoding import encode, np_dtype
-from .vectors import (CHECKSUMS, FORMAT, FORMAT_VERSION, STATE_NAMES, VECTORS_SUBDIR, default_dir,
-                      hparams_from_json)
+from ..conformance import tolerance
+from ..conformance.encoding import encode, np_dtype
+from ..conformance.vectors import (CHECKSUMS, FORMAT, FORMAT_VERSION, STATE_NAMES, VECTORS_SUBDIR,
+                                  default_dir, hparams_from_json)
+from . import catalog, mca
 
 SAMPLES = 32
 STATIC_FILES = ("schema.json", "FLAGS.md", "README.md")
@@ -237,7 +238,7 @@ def compare(out: pathlib.Path, files: dict) -> list:
 
 
 def main(argv=None) -> int:
-    ap = argparse.ArgumentParser(prog="python -m refopt.conformance.generate",
+    ap = argparse.ArgumentParser(prog="refopt vectors generate",
                                  description="Generate the refopt golden vectors (deterministic).")
     ap.add_argument("--out", type=pathlib.Path, default=None,
                     help="output directory (default: the repository's conformance/v1)")

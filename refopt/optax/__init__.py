@@ -8,9 +8,9 @@
 Each leaf is stepped by the core (refopt.SAVEUS / refopt.DOPE), so per-tensor clauses (S1/S2,
 D1-D3, D10, D12) act per leaf, as the reference acts per parameter tensor. Under ``jax.jit`` with
 sharded inputs the core's reductions are global over each (sharded) leaf. On one CPU device, DOPE
-leaves of float32/float64 with at least ``ROWBLOCK_MIN_NUMEL`` elements and ndim >= 2 take a
-row-blocked program of the same clauses (fewer passes over memory; equal to the core up to the
-summation order of its reductions).
+leaves of float32/float64 with at least ``_rowblock.MIN_NUMEL`` elements and ndim >= 2 take a
+row-blocked program built from the same clause functions (fewer passes over memory; equal to the
+core up to the summation order of its reductions; see ``_rowblock.py``).
 
 Learning rate. ``learning_rate`` (optax's name, first positional) and ``lr`` (the reference's
 name) are aliases; give at most one. It is a number or a schedule ``count -> lr`` where ``count``
@@ -46,7 +46,7 @@ runs eagerly and cannot be used under ``jax.jit``.
 from __future__ import annotations
 
 import copy
-import math
+import inspect
 from typing import Any, Callable, Union
 
 import jax
@@ -54,12 +54,13 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from . import _validate
-from ._arrays import Arith, is_real_floating, self_lerp
-from ._base import Optimizer
-from ._state import DOPEState, SAVEUSState  # the core's containers; here each field is a pytree
-from .dope import DOPE
-from .saveus import SAVEUS
+from .. import _docs
+from .._arrays import is_real_floating
+from .._optimizer import Optimizer
+from .._state import DOPEState, SAVEUSState  # the core's containers; here each field is a pytree
+from ..dope import DOPE
+from ..saveus import SAVEUS
+from . import _rowblock
 
 Schedule = Callable[[Any], Any]
 ScalarOrSchedule = Union[float, Schedule]
@@ -70,14 +71,39 @@ _STATES = {SAVEUS: SAVEUSState, DOPE: DOPEState}
 
 def saveus(learning_rate: ScalarOrSchedule | None = None, *, lr: ScalarOrSchedule | None = None,
            **hparams) -> optax.GradientTransformationExtraArgs:
-    """SAVEUS (refopt.SAVEUS hyperparameters, reference names and defaults) as an optax transform."""
+    """SAVEUS (spec/saveus.md) as an optax ``GradientTransformation``."""
     return transform(SAVEUS, learning_rate, lr=lr, **hparams)
 
 
 def dope(learning_rate: ScalarOrSchedule | None = None, *, lr: ScalarOrSchedule | None = None,
          **hparams) -> optax.GradientTransformationExtraArgs:
-    """DOPE (refopt.DOPE hyperparameters, reference names and defaults) as an optax transform."""
+    """DOPE (spec/dope.md) as an optax ``GradientTransformation``."""
     return transform(DOPE, learning_rate, lr=lr, **hparams)
+
+
+def _factory_docs(fn, core):
+    """Signature and docstring of ``saveus``/``dope`` from the registry (as the core's)."""
+    facts = core.facts
+    P = inspect.Parameter
+    params = [P("learning_rate", P.POSITIONAL_OR_KEYWORD, default=None), P("lr", P.KEYWORD_ONLY, default=None)]
+    params += [P(h.name, P.KEYWORD_ONLY, default=h.default) for h in facts.hparams if h.name != "lr"]
+    params += [P("profile", P.KEYWORD_ONLY, default="reference"), P("quirks", P.KEYWORD_ONLY, default=None),
+               P("check_finite", P.KEYWORD_ONLY, default=False)]
+    fn.__signature__ = inspect.Signature(params, return_annotation=optax.GradientTransformationExtraArgs)
+    alias = ("    learning_rate: optax's name for ``lr`` (give one of them); a number or a schedule "
+             "``count -> lr``, count = updates already applied.")
+    fn.__doc__ = "\n\n".join([
+        fn.__doc__, _docs.args_section(facts, extra=alias), _docs.update_section(facts, core.UPDATE),
+        _docs.state_section(facts).replace(f"State: {facts.name}State(",
+                                           f"State: refopt.{facts.name}State(") + "\n    (each buffer a pytree "
+        "shaped like params; one int32 step for all leaves)",
+        f"Example:\n    >>> tx = refopt.optax.{fn.__name__}(1e-3)\n    >>> state = tx.init(params)\n"
+        "    >>> updates, state = tx.update(grads, state, params)   # params are required\n"
+        "    >>> params = optax.apply_updates(params, updates)"])
+
+
+_factory_docs(saveus, SAVEUS)
+_factory_docs(dope, DOPE)
 
 
 def transform(cls: type[Optimizer], learning_rate: ScalarOrSchedule | None = None,
@@ -118,7 +144,7 @@ def transform(cls: type[Optimizer], learning_rate: ScalarOrSchedule | None = Non
         g_leaves = [jnp.asarray(g) for g in g_leaves]
         new_p, new_bufs = [], [[] for _ in bufs]
         for i, (p, g) in enumerate(zip(leaves, g_leaves)):
-            leaf_step = _rowblock_step if _rowblock_ok(opt, p) else _core_step
+            leaf_step = _rowblock.step if _rowblock.applies(opt, p) else _core_step
             n, s = leaf_step(step_opt, p, g, opt.State(state.step, *(b[i] for b in bufs)))
             new_p.append(n.astype(p.dtype))  # a no-op unless _weak had to fall back
             for acc, x in zip(new_bufs, s[1:]):
@@ -186,7 +212,7 @@ def _with_lr(opt, value):
     float: scalar dtype, weakly typed so it rounds to the work dtype where applied (A4)."""
     sdtype = np.dtype("float64" if jax.config.read("jax_enable_x64") else "float32")
     new = copy.copy(opt)
-    new._hparams = dict(opt._hparams, lr=_weak(jnp.asarray(value, dtype=sdtype)))
+    object.__setattr__(new, "_hparams", dict(opt._hparams, lr=_weak(jnp.asarray(value, dtype=sdtype))))
     return new
 
 
@@ -201,179 +227,8 @@ def _weak(x):
     return _convert_element_type(x, x.dtype, weak_type=True)
 
 
-# ---- row-blocked CPU path for DOPE --------------------------------------------------------------
-# XLA CPU compiles the core's DOPE step (4096x4096 float32) into ~44 passes over memory: each
-# reduction (D1/D2 row statistics, D3 norm, D10 row mean, D12 count) ends a fusion, expensive values
-# with several users (sqrt, divisions) are materialised, the D12 count is widened to int64 as a
-# whole array, and donated buffers read after their new value is made are copied. When every
-# clause but D3 and D12 is row-local (A1 trailing mean and A2 channel std over axes 1..), the step
-# below walks blocks of rows that stay in cache: walk 1 reads g for the D1/D2 row statistics and
-# the D3 sum of squares; walk 2 reads g, prev_grad and the state, updates exp_avg, fim and fim_diff
-# in place and writes u (D12-unmasked) and the int32 count; then one elementwise pass rebuilds
-# prev_grad from g and one applies D12-D14 to p. About 21 passes against the roofline's 11; it is
-# bounded by walk 2's arithmetic, not by memory (see the report in benchmarks). Same ops in the
-# core's order as refopt/dope.py with rd the identity (A3: nothing to round for float32/float64);
-# only the summation order of reductions differs. SAVEUS keeps the core: XLA already streams it in
-# ~11 passes, and a walk measured slower.
-
-#: Leaves with fewer elements go through the core (the walk gains nothing, and compiles slower).
-ROWBLOCK_MIN_NUMEL = 1 << 18
-_BLOCK_BYTES = 1 << 20  # per array and block: a dozen live blocks fit in L3 (measured best)
-_MAX_ROW_BYTES = 1 << 20
-
-
 def _core_step(opt, p, g, state):
     return opt.step(p, g, state)
-
-
-def _rowblock_ok(opt, p) -> bool:
-    """Static (shape, dtype, hparams, platform): does the row-blocked walk apply to leaf ``p``?"""
-    if not isinstance(opt, DOPE) or opt.check_finite or p.ndim < 2 or p.dtype not in (jnp.float32, jnp.float64):
-        return False
-    numel, rows = math.prod(p.shape), p.shape[0]
-    if not ROWBLOCK_MIN_NUMEL <= numel < 2**31 or (numel // rows) * p.dtype.itemsize > _MAX_ROW_BYTES:
-        return False
-    # A while loop over blocks suits one CPU device; on GPUs and sharded meshes the core's plain
-    # fusions are the right program.
-    if jax.default_backend() != "cpu" or jax.device_count() != 1:
-        return False
-    return opt._hparams["normalization"] == 0 or opt._hparams["normalize_channels"]  # A2 per row
-
-
-def _block_rows(rows, cols, itemsize):
-    fit = max(1, _BLOCK_BYTES // (cols * itemsize))
-    return max(b for b in range(1, min(rows, fit) + 1) if rows % b == 0)
-
-
-def _walk(x2d, b, body, carry, ys=False):
-    """``lax.scan`` over blocks of ``b`` rows; ``body(r0, carry) -> (carry, y)``."""
-    nblk = x2d.shape[0] // b
-    carry, out = jax.lax.scan(lambda c, i: body(i * b, c), carry, jnp.arange(nblk, dtype=jnp.int32))
-    return carry, (out.reshape((nblk * b,) + out.shape[2:]) if ys else None)
-
-
-def _rows(x, r0, b):
-    return jax.lax.dynamic_slice_in_dim(x, r0, b, 0)
-
-
-def _store(x, blk, r0):
-    """Write ``blk`` into ``x`` in place and read it back. Later computations must use the value
-    read back: one that recomputes the block from the old contents of an array written in place
-    forms a read-after-write cycle, which XLA breaks with a copy of the whole array per block."""
-    x = jax.lax.dynamic_update_slice_in_dim(x, blk, r0, 0)
-    return x, _rows(x, r0, blk.shape[0])
-
-
-def _row_mean(x):
-    return jnp.mean(x, axis=1, keepdims=True)  # A1 on the (rows, rest) view
-
-
-def _centre_normalise(h, q, g, stats):
-    """D1 and D2 on a block of rows: (g, (row mean, row std)); ``stats`` reuses walk 1's."""
-    c, a = h["centralization"], h["normalization"]
-    m = s = None
-    if c > 0:
-        m = _row_mean(g) if stats is None else stats[0]
-        g = g - m * c
-    if a > 0:
-        s = jnp.std(g, axis=1, ddof=1, keepdims=True) if stats is None else stats[1]
-        g_hat = g / (s + 1e-8)
-        g = self_lerp(jnp, g_hat) if q.aliased_lerp else g + a * (g_hat - g)
-    return g, (m, s)
-
-
-def _rowblock_step(opt, param, grad, state):
-    _validate.step_inputs(opt.name, opt.State, param, grad, state)
-    shape = param.shape
-    flat = [x.reshape(shape[0], -1) for x in (param, grad, *state[1:])]
-    b = _block_rows(flat[0].shape[0], flat[0].shape[1], param.dtype.itemsize)
-    new_p, bufs = _dope_walk(opt, Arith(param), b, state.step, *flat)
-    return new_p.reshape(shape), opt.State(state.step + 1, *(x.reshape(shape) for x in bufs))
-
-
-def _dope_walk(opt, A, b, count, p, g, exp_avg, fim, fim_diff, prev):
-    h, q = opt._hparams, opt.quirks
-    b1, b2 = h["betas"]
-    mb, wd, lr = h["momentum_beta"], h["weight_decay"], h["lr"]
-    t = A.step_count(count)
-    rows = p.shape[0]
-
-    # Walk 1: D1/D2 row statistics and the D3 sum of squares (g read once).
-    stats, coef = None, None
-    if h["centralization"] > 0 or h["normalization"] > 0 or h["clip"] > 0:
-        zero = jnp.zeros((rows, 1), p.dtype)
-
-        def stats_body(r0, carry):
-            M, S, Q = carry
-            gb, (m, s) = _centre_normalise(h, q, _rows(g, r0, b), None)
-            M = M if m is None else _store(M, m, r0)[0]
-            S = S if s is None else _store(S, s, r0)[0]
-            return (M, S, _store(Q, jnp.sum(gb * gb, axis=1, keepdims=True), r0)[0]), None
-
-        (M, S, Q), _ = _walk(p, b, stats_body, (zero, zero, zero))
-        stats = (M, S)
-        if h["clip"] > 0:  # D3
-            norm = jnp.sqrt(jnp.sum(Q))
-            coef = jnp.minimum((1.0 / (norm + 1e-6)) * h["clip"], jnp.ones_like(norm))
-
-    bc1, bc2 = A.one_minus_pow(b1, t), A.one_minus_pow(b2, t)  # D5
-    eps_hat = h["eps"] if h["eps_floor"] is None else A.scalar(  # D6
-        jnp.maximum(A.const(h["eps_floor"], A.sdtype), h["eps"] * jnp.sqrt(t)))
-    sq_bc1, sq_bc2 = A.scalar(jnp.sqrt(bc1)), A.scalar(jnp.sqrt(bc2))
-    mars = h["gamma"] * (b1 / (1.0 - b1))
-    amp = opt._amplification(A, count)
-    cautious = h["cautious"]
-
-    # Walk 2: D1-D14 per block; with D12 the masked update waits for the whole-tensor count.
-    def processed_grad(gb, sb):  # D1-D3 on rows, given walk 1's statistics
-        gb, _ = _centre_normalise(h, q, gb, sb)
-        return gb if coef is None else gb * coef
-
-    def denominators(fb, fdb):  # D7
-        denom = jnp.sqrt(fb) / sq_bc2 + eps_hat
-        return denom, (jnp.sqrt(fdb) / sq_bc1) * h["diff_mult"] + h["eps2"]
-
-    # Walk 2 updates exp_avg, fim, fim_diff in place and emits u (D12-unmasked). An array written
-    # in place is read back after its write (see _store); prev_grad and p stay read-only.
-    def body(r0, carry):
-        EA, F, FD, k = carry
-        gb = processed_grad(_rows(g, r0, b), None if stats is None else
-                            tuple(None if x is None else _rows(x, r0, b) for x in stats))
-        pvb = _rows(prev, r0, b)
-        F, fb = _store(F, _rows(F, r0, b) * b2 + (1.0 - b2) * gb * gb, r0)  # D4
-        d = gb - pvb
-        FD, fdb = _store(FD, _rows(FD, r0, b) * b1 + (1.0 - b1) * d * d, r0)
-        denom, denom_diff = denominators(fb, fdb)
-        u = (gb / denom) / denom_diff  # D8
-        u = u + mars * (gb if q.mars_current_grad else pvb)  # D9
-        c_t = u
-        eab = _rows(EA, r0, b) * mb + (1.0 - mb) * u  # D10
-        EA, eab = _store(EA, eab - _row_mean(eab), r0)
-        u = u + eab * amp  # D11
-        if cautious:  # D12: u * where(pos, 1, 0); the scale needs the whole-tensor count
-            pos = u * (gb if q.cautious_processed_grad else c_t) > 0
-            k = k + jnp.sum(pos, dtype=jnp.int32)
-            u = jnp.where(pos, u, u * 0)
-        return (EA, F, FD, k), u
-
-    (exp_avg, fim, fim_diff, k), u = _walk(p, b, body, (exp_avg, fim, fim_diff, jnp.zeros((), jnp.int32)), ys=True)
-    # After the walk, elementwise: prev_grad (D4) recomputed from g into its own buffer, then
-    # D12's scale, D13 on the pre-update p with the D7 denominators, D14.
-    new_prev = processed_grad(g, stats)
-    if cautious:  # u * (where(pos, 1, 0) * scale) == (u * where(pos, 1, 0)) * scale, exactly
-        u = u * _cautious_scale_from_count(opt, A, k, math.prod(p.shape))
-    if wd > 0:  # D13
-        denom, denom_diff = denominators(fim, fim_diff)
-        p = p + (-lr * wd) * ((p / denom) / denom_diff)
-    return p + (-lr) * u, (exp_avg, fim, fim_diff, new_prev)  # D14
-
-
-def _cautious_scale_from_count(opt, A, k, numel):
-    """refopt.DOPE._cautious_scale given the count ``k`` (D12, quirk Q5)."""
-    if opt.quirks.float32_scalars:
-        qk = jnp.astype(k, jnp.float32) + 1e-8
-        return jnp.astype((1.0 / qk) * float(numel), A.work)
-    return A.scalar(float(numel) / (jnp.astype(k, A.sdtype) + 1e-8))
 
 
 __all__ = ["saveus", "dope", "transform", "step", "SAVEUSState", "DOPEState"]

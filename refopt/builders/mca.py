@@ -121,7 +121,7 @@ class MArray:
 class MCANamespace:
     """The array-API subset refopt's core uses, randomised as the module docstring says."""
 
-    __name__ = "refopt.conformance.mca"
+    __name__ = "refopt.builders.mca"
     nan, inf, pi, e = math.nan, math.inf, math.pi, math.e
     bool, int32, int64 = BOOL, INT32, INT64
     float16, bfloat16, float32, float64 = FLOAT16, BFLOAT16, FLOAT32, FLOAT64
@@ -173,7 +173,7 @@ class MCANamespace:
     def _round_exact(self, v, dtype):
         """Literal constants are rounded to nearest (a port writes the same literal)."""
         if dtype in (FLOAT32, FLOAT16, BFLOAT16):
-            from .encoding import np_dtype
+            from ..conformance.encoding import np_dtype
 
             return v.astype(np_dtype(dtype.name)).astype(np.float64)
         return v

@@ -14,7 +14,7 @@ import pytest
 from refopt.conformance import load
 from refopt.conformance.tolerance import ulp
 
-oracle = pytest.importorskip("refopt.oracle")
+oracle = pytest.importorskip("refopt.builders.oracle")
 pytest.importorskip("mpmath")
 
 WELL = 8.0    # ulps: budget at most this -> well-conditioned

@@ -10,22 +10,17 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass, field
 
+from .. import registry
+from ..conformance.vectors import hparams_to_json
 from ..quirks import Quirks
 
-DTYPES = ("float64", "float32", "float16", "bfloat16")
-LOW = ("float16", "bfloat16")
+#: Vector dtypes, widest first (the order cases are generated in).
+DTYPES = tuple(reversed(registry.DTYPES))
+LOW = registry.LOW_PRECISION
 
-SAVEUS_DEFAULTS = {
-    "lr": 1e-3, "betas": [0.9, 0.999], "eps": 1e-8, "weight_decay": 0.0, "centralization": 0.5,
-    "normalization": 0.5, "normalize_channels": True, "amp_fac": 2.0, "clip_lambda": {"power": 0.25},
-    "decouple_weight_decay": False, "clip_gradients": False,
-}
-DOPE_DEFAULTS = {
-    "lr": 1.5e-4, "betas": [0.999, 0.9999], "momentum_beta": 0.9999, "eps": 1e-6, "eps2": 1e-2,
-    "eps_floor": None, "weight_decay": 0.01, "centralization": 0.5, "normalization": 0.5,
-    "diff_mult": 1.0, "momentum_lambda": 0.25, "gamma": 0.0005, "clip": 1.0, "cautious": True,
-    "normalize_channels": True,
-}
+#: The registry's defaults in the vector files' JSON form.
+SAVEUS_DEFAULTS = hparams_to_json("saveus", registry.SAVEUS.defaults)
+DOPE_DEFAULTS = hparams_to_json("dope", registry.DOPE.defaults)
 #: DOPE at its defaults is non-finite in float16 after one step (FLAGS.md: Float16SafeHparams):
 #: (1-b2)*g*g underflows, g/(0+eps) overflows. A larger eps and shorter betas keep it finite.
 DOPE_FLOAT16_SAFE = {"eps": 1e-2, "betas": [0.9, 0.99]}
@@ -154,9 +149,7 @@ def clauses(case: Case) -> tuple:
             out += ["D12", "Q6"]
         if h["weight_decay"] > 0:
             out.append("D13")
-    order = {c: i for i, c in enumerate(
-        ["A1", "A2", "A3", "A4", "A5", "A6", *(f"S{i}" for i in range(11)), *(f"D{i}" for i in range(15)),
-         *(f"Q{i}" for i in range(1, 7))])}
+    order = {c: i for i, c in enumerate(registry.CLAUSE_IDS)}
     return tuple(sorted(set(out), key=order.__getitem__))
 
 
