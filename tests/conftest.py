@@ -8,14 +8,14 @@ GPU that is not there) is skipped with a reason, never failed. Each parameter is
 """
 from __future__ import annotations
 
-import functools
 import importlib.util
-from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable
+from typing import Callable
 
 import numpy as np
 import pytest
+
+from refopt.conformance import backends, encoding
 
 try:  # the whole session computes float64 in JAX (refopt needs it for A4's float64 scalars)
     import jax
@@ -41,35 +41,27 @@ JAX_MENU = {
 
 def np_dtype(name: str):
     """NumPy dtype for a dtype name; bfloat16 comes from ml_dtypes."""
-    if name == "bfloat16":
-        ml_dtypes = pytest.importorskip("ml_dtypes", reason="bfloat16 on NumPy needs ml_dtypes")
-        return np.dtype(ml_dtypes.bfloat16)
-    return np.dtype(name)
+    pytest.importorskip("ml_dtypes", reason="bfloat16 on NumPy needs ml_dtypes")
+    return encoding.np_dtype(name)
 
 
-@dataclass(frozen=True)
 class Backend:
-    """One array library (and device) under test."""
+    """A library backend (refopt.conformance.backends.Backend) with the test suite's helpers:
+    dtypes a library lacks are skipped, and JAX is run on a menu of shapes."""
 
-    name: str
-    xp: Any
-    dtypes: tuple[str, ...]
-    _in: Callable[[np.ndarray, str], Any]
-    _out: Callable[[Any], np.ndarray]
-    jit: bool = False
-    device: Any = None
-    on_enter: Callable[[], None] = field(default=lambda: None)
-    on_exit: Callable[[], None] = field(default=lambda: None)
+    def __init__(self, lib: backends.Backend, name: str, on_enter=lambda: None, on_exit=lambda: None):
+        self.lib, self.name, self.on_enter, self.on_exit = lib, name, on_enter, on_exit
+        self.xp, self.dtypes, self.jit, self.device = lib.xp, lib.dtypes, lib.jit, lib.device
 
     def asarray(self, a, dtype: str = "float64"):
         """A backend array holding ``a`` (a NumPy array, rounded to ``dtype`` once)."""
         if dtype not in self.dtypes:
             pytest.skip(f"{self.name} has no {dtype}")
-        return self._in(np.asarray(np.asarray(a, dtype=np.float64).astype(np_dtype(dtype))), dtype)
+        return self.lib.to(np.asarray(np.asarray(a, dtype=np.float64).astype(np_dtype(dtype))))
 
     def to_numpy(self, x) -> np.ndarray:
         """A NumPy copy (bfloat16 stays bfloat16 through ml_dtypes)."""
-        return self._out(x)
+        return self.lib.back(x)
 
     def dtype(self, name: str):
         return getattr(self.xp, name)
@@ -82,7 +74,7 @@ class Backend:
         return [s for s in shapes if tuple(s) in JAX_MENU.get(dtype, ())]
 
     def step(self, opt, p, g, s):
-        return _jitted(opt)(p, g, s) if self.jit else opt.step(p, g, s)
+        return self.lib.step(opt, p, g, s)
 
     def state_to_numpy(self, state) -> dict:
         return {k: self.to_numpy(v) for k, v in state.items()}
@@ -91,26 +83,10 @@ class Backend:
         return self.name
 
 
-@functools.lru_cache(maxsize=None)
-def _jitted(opt):
-    return jax.jit(opt.step)
-
-
 # --- per-library constructors (imports happen only when the backend is requested) --------------
-
-def _numpy(readonly: bool) -> Backend:
-    def into(a, dtype):
-        a = np.array(a, copy=True)
-        a.flags.writeable = not readonly
-        return a
-
-    return Backend("numpy_readonly" if readonly else "numpy", np, FLOAT_DTYPES, into,
-                   lambda x: np.array(x, copy=True))
-
 
 def _strict(device_name: str | None) -> Backend:
     xps = pytest.importorskip("array_api_strict")
-    device = xps.Device(device_name) if device_name else None
 
     def enter():
         # the strictest flags this version knows: newest standard, no data-dependent output
@@ -121,58 +97,33 @@ def _strict(device_name: str | None) -> Backend:
         xps.set_array_api_strict_flags(api_version=newest, boolean_indexing=False,
                                        data_dependent_shapes=False, enabled_extensions=())
 
-    def into(a, dtype):
-        return xps.asarray(np.array(a, dtype=np.dtype(dtype)), dtype=getattr(xps, dtype), device=device)
-
-    def out(x):
-        return np.asarray(xps.asarray(x, device=xps.Device("CPU_DEVICE")) if device else x).copy()
-
     name = "array_api_strict" + (f"[{device_name}]" if device_name else "")
-    return Backend(name, xps, ("float64", "float32"), into, out, device=device,
-                   on_enter=enter, on_exit=xps.reset_array_api_strict_flags)
+    return Backend(backends.strict_backend(device_name), name, enter, xps.reset_array_api_strict_flags)
 
 
 def _torch(device: str) -> Backend:
     torch = pytest.importorskip("torch")
     if device == "cuda" and not torch.cuda.is_available():
         pytest.skip("torch: no CUDA device")
-    from array_api_compat import torch as xpt
-
-    def into(a, dtype):
-        t = torch.from_numpy(np.array(a.astype(np.float32) if dtype == "bfloat16" else a))
-        return t.to(device=device, dtype=getattr(torch, dtype))
-
-    def out(x):
-        x = x.detach().cpu()
-        if x.dtype == torch.bfloat16:
-            return x.float().numpy().astype(np_dtype("bfloat16"))
-        return x.numpy().copy()
-
-    return Backend(f"torch_{device}", xpt, FLOAT_DTYPES, into, out, device=torch.device(device))
+    return Backend(backends.torch_backend(device), f"torch_{device}")
 
 
 def _jax(jit: bool) -> Backend:
     pytest.importorskip("jax")
-    import jax.numpy as jnp
-
-    return Backend("jax_jit" if jit else "jax", jnp, FLOAT_DTYPES,
-                   lambda a, dtype: jnp.asarray(a), lambda x: np.array(x, copy=True), jit=jit)
+    return Backend(backends.jax_backend(jit), "jax_jit" if jit else "jax")
 
 
 def _cupy() -> Backend:
-    cp = pytest.importorskip("cupy")
+    pytest.importorskip("cupy")
     try:
-        if cp.cuda.runtime.getDeviceCount() < 1:
-            raise RuntimeError
+        return Backend(backends.cupy_backend(), "cupy")
     except Exception:
         pytest.skip("cupy: no GPU")
-    return Backend("cupy", cp, ("float64", "float32", "float16"),
-                   lambda a, dtype: cp.asarray(a), lambda x: cp.asnumpy(x))
 
 
 BACKENDS: dict[str, Callable[[], Backend]] = {
-    "numpy": lambda: _numpy(False),
-    "numpy_readonly": lambda: _numpy(True),
+    "numpy": lambda: Backend(backends.numpy_backend(False), "numpy"),
+    "numpy_readonly": lambda: Backend(backends.numpy_backend(True), "numpy_readonly"),
     "array_api_strict": lambda: _strict(None),
     "array_api_strict[device1]": lambda: _strict("device1"),
     "torch_cpu": lambda: _torch("cpu"),

@@ -8,7 +8,7 @@ the two that the specification defines as float32 numbers (D11 amplification and
 scale, quirk ``float32_scalars``): they are computed with NumPy float32 operations, as specified,
 and then used exactly. Non-finite values follow IEEE rules (NaN propagates, ``x/0`` is ``±inf``).
 
-    from refopt.oracle import trajectory
+    from refopt.builders.oracle import trajectory
     steps = trajectory("dope", p0, [g1, g2, g3], {"lr": 1e-3}, quirks=None)
     steps[-1]["param"], steps[-1]["state"]["fim"], steps[-1]["mp_param"]
 

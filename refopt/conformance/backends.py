@@ -7,7 +7,7 @@ vector's own profile and quirks.
 from __future__ import annotations
 
 import importlib.util
-from typing import Callable, NamedTuple
+from typing import Callable
 
 import numpy as np
 
@@ -16,47 +16,75 @@ from .encoding import np_dtype
 from .targets import STATE_NAMES, Output, call_port
 
 
-class Backend(NamedTuple):
-    name: str
-    dtypes: tuple
-    to: Callable  # numpy array -> backend array
-    back: Callable  # backend array -> numpy array of the given dtype
-    compile: Callable  # optimizer -> its (possibly compiled) step function
+class Backend:
+    """One array library (and device) that refopt's core runs on.
 
+    ``to(a)`` moves a NumPy array (exact in its dtype; bfloat16 through ml_dtypes) into the
+    library, ``back(x)`` brings a library array back as a NumPy copy in its own dtype, and
+    ``compile(opt)`` is the step function to run (``opt.step``, or it under ``jax.jit``). The
+    test suite's ``xp`` fixture is built from these same objects (tests/conftest.py)."""
 
-def numpy_backend():
-    return Backend("numpy", registry.DTYPES, lambda a: np.asarray(a), lambda x, dt: np.asarray(x), _eager)
+    def __init__(self, name: str, dtypes: tuple, to: Callable, back: Callable, compile: Callable | None = None,
+                 *, xp=None, device=None, jit: bool = False):
+        self.name, self.dtypes, self.to, self.back = name, tuple(dtypes), to, back
+        self.compile = compile or _eager
+        self.xp, self.device, self.jit = xp, device, jit
+
+    def step(self, opt, param, grad, state):
+        return self.compile(opt)(param, grad, state)
+
+    def __repr__(self) -> str:
+        return self.name
 
 
 def _eager(opt):
     return opt.step
 
 
-def _strict_backend():
+def numpy_backend(readonly: bool = False):
+    def to(a):
+        a = np.array(a, copy=True)  # keeps 0-d arrays 0-d
+        a.flags.writeable = not readonly
+        return a
+
+    return Backend("numpy_readonly" if readonly else "numpy", registry.DTYPES, to,
+                   lambda x: np.array(x, copy=True), xp=np)
+
+
+def strict_backend(device_name: str | None = None):
     import array_api_strict as xps
 
-    return Backend("array-api-strict", ("float32", "float64"), xps.asarray,
-                   lambda x, dt: np.asarray(x._array), _eager)
+    device = xps.Device(device_name) if device_name else None
+
+    def to(a):
+        return xps.asarray(np.array(a), dtype=getattr(xps, a.dtype.name), device=device)
+
+    def back(x):
+        return np.asarray(xps.asarray(x, device=xps.Device("CPU_DEVICE")) if device else x).copy()
+
+    name = "array-api-strict" + (f"[{device_name}]" if device_name else "")
+    return Backend(name, ("float32", "float64"), to, back, xp=xps, device=device)
 
 
-def torch_backend(device: str):
+def torch_backend(device: str = "cpu"):
     import torch
+    from array_api_compat import torch as xpt
 
     def to(a):
         if a.dtype == np_dtype("bfloat16"):  # NumPy has no bfloat16 to hand torch: widen exactly
             return torch.from_numpy(a.astype(np.float32)).to(device=device, dtype=torch.bfloat16)
         return torch.from_numpy(np.array(a, order="C")).to(device)  # a copy; keeps 0-d arrays 0-d
 
-    def back(x, dt):
+    def back(x):
         x = x.detach().cpu()
         if x.dtype == torch.bfloat16:
-            return x.float().numpy().astype(dt)
+            return x.float().numpy().astype(np_dtype("bfloat16"))
         return x.numpy().copy()  # a port updates its tensors in place: keep this step's values
 
-    return Backend(f"torch-{device}", registry.DTYPES, to, back, _eager)
+    return Backend(f"torch-{device}", registry.DTYPES, to, back, xp=xpt, device=torch.device(device))
 
 
-def _jax_backend():
+def jax_backend(jit: bool = True):
     import jax
 
     jax.config.update("jax_enable_x64", True)  # float64 vectors need x64 before jax is used
@@ -67,13 +95,13 @@ def _jax_backend():
     def compile_step(opt):
         # One jitted function per configuration; jax re-traces it per shape and dtype. Compiling
         # costs ~1 s a time on a small CPU, so equal configurations share it.
-        key = (type(opt), tuple(opt.hparams.items()), tuple(opt.quirks.as_dict().items()))
         try:
-            return cache.setdefault(key, jax.jit(opt.step))
-        except TypeError:  # an unhashable hyperparameter (a custom clip_lambda)
+            return cache.setdefault(opt, jax.jit(opt.step)) if hash(opt) != id(opt) else jax.jit(opt.step)
+        except TypeError:  # pragma: no cover - an unhashable optimizer
             return jax.jit(opt.step)
 
-    return Backend("jax", registry.DTYPES, jnp.asarray, lambda x, dt: np.asarray(x), compile_step)
+    return Backend("jax" if jit else "jax-eager", registry.DTYPES, jnp.asarray, lambda x: np.array(x, copy=True),
+                   compile_step if jit else None, xp=jnp, jit=jit)
 
 
 def _torch_cuda_backend():
@@ -84,27 +112,27 @@ def _torch_cuda_backend():
     return torch_backend("cuda")
 
 
-def _cupy_backend():
+def cupy_backend():
     import cupy
 
     if cupy.cuda.runtime.getDeviceCount() < 1:
         raise ImportError("no GPU")
     dts = ("float16", "float32", "float64")  # CuPy has no bfloat16
-    return Backend("cupy", dts, cupy.asarray, lambda x, dt: cupy.asnumpy(x), _eager)
+    return Backend("cupy", dts, cupy.asarray, cupy.asnumpy, xp=cupy)
 
 
 def available_backends() -> dict[str, Callable[[], Backend]]:
     """Name -> factory for every backend whose library is installed (and device present)."""
     out: dict[str, Callable[[], Backend]] = {"numpy": numpy_backend}
     if importlib.util.find_spec("array_api_strict"):
-        out["array-api-strict"] = _strict_backend
+        out["array-api-strict"] = strict_backend
     if importlib.util.find_spec("torch"):
         out["torch-cpu"] = lambda: torch_backend("cpu")
         out["torch-cuda"] = _torch_cuda_backend
     if importlib.util.find_spec("jax"):
-        out["jax"] = _jax_backend
+        out["jax"] = jax_backend
     if importlib.util.find_spec("cupy"):
-        out["cupy"] = _cupy_backend
+        out["cupy"] = cupy_backend
     return out
 
 
@@ -145,10 +173,9 @@ class CoreTarget:
         state = make_core_state(opt, vector, b.to)
         state = opt.init(p) if state is None else state
         step = b.compile(opt)
-        dt = np_dtype(vector.dtype)
         out = []
         for s in vector.steps:
             p, state = call_port(self.name, step, p, b.to(s.grad), state)
-            out.append(Output(b.back(p, dt), {k: b.back(state[k], dt) for k in STATE_NAMES[vector.optimizer]},
-                              int(b.back(state.step, None))))
+            out.append(Output(b.back(p), {k: b.back(state[k]) for k in STATE_NAMES[vector.optimizer]},
+                              int(b.back(state.step))))
         return out

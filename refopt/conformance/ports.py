@@ -116,7 +116,6 @@ class TorchPort:
 
     def run(self, vector) -> list[Output]:
         torch, b = self.torch, self.backend
-        dt = np_dtype(vector.dtype)
         h = rename(vector.optimizer_hparams(), self.hparam_map)
         p = torch.nn.Parameter(b.to(np.array(vector.param0)))
         opt = call_port(self.name, self.cls, [p], **h)
@@ -128,7 +127,7 @@ class TorchPort:
             call_port(self.name, opt.step)
             st = opt.state.get(p, {})
             names = [n for n in STATE_NAMES[vector.optimizer] if torch.is_tensor(st.get(n))]
-            out.append(checked_output(vector, k, _np(p, b, dt), {n: _np(st[n], b, dt) for n in names},
+            out.append(checked_output(vector, k, _np(p, b), {n: _np(st[n], b) for n in names},
                                       where=self.name, count=st.get("step")))
         return out
 
@@ -151,9 +150,9 @@ class TorchPort:
         p.grad = None
 
 
-def _np(x, b, dt):
+def _np(x, b):
     try:
-        return b.back(x, dt)
+        return b.back(x)
     except Exception as exc:  # noqa: BLE001
         raise PortFailure(f"cannot read a tensor back: {exc}") from None
 
