@@ -1,4 +1,4 @@
-"""Every float64 golden against the independent 50-digit oracle (refopt.oracle, issue 3.2).
+"""Every float64 golden against the independent 50-digit oracle (refopt.builders.oracle, issue 3.2).
 
 An element is well-conditioned when its Monte Carlo budget is at most WELL ulps of float64
 (spec/tolerance.md § The golden against the oracle). There the golden must agree with the

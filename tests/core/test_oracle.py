@@ -1,4 +1,4 @@
-"""(a) float64 NumPy against the independent mpmath oracle (refopt/oracle.py), 4 steps.
+"""(a) float64 NumPy against the independent mpmath oracle (refopt/builders/oracle.py), 4 steps.
 
 Error measure: |refopt - oracle| / max|oracle| per tensor and step, in float64 ulps (2**-52).
 The bound is ULPS (6). An element over it is accepted only if it is *ill-conditioned*, detected
