@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import pathlib
 import sys
 import textwrap
 import xml.etree.ElementTree as ET
@@ -17,7 +18,7 @@ import pytest
 
 import refopt
 from refopt import cli
-from refopt.conformance import diagnose, ports, runner
+from refopt.conformance import adapters, diagnose, ports, runner
 from refopt.conformance.encoding import encode
 from refopt.conformance.vectors import hparams_to_json, load
 from refopt.quirks import Quirks
@@ -88,48 +89,15 @@ def vdir(tmp_path_factory):
 
 
 # ports used by the tests: python-port functions on refopt's core, some deliberately broken
-
-def good_port(optimizer, param, grad, state, hparams):
-    opt = (refopt.SAVEUS if optimizer == "saveus" else refopt.DOPE)(**hparams)
-    st = opt.State(step=np.asarray(state["step"]), **{k: state[k] for k in opt.State._fields[1:]})
-    p, new = opt.step(param, grad, st)
-    return p, dict(new.items(), step=int(new.step))
-
-
-def raising_port(optimizer, param, grad, state, hparams):
-    if optimizer == "saveus":
-        raise RuntimeError("boom")
-    return good_port(optimizer, param, grad, state, hparams)
-
-
-def wrong_shape_port(optimizer, param, grad, state, hparams):
-    p, s = good_port(optimizer, param, grad, state, hparams)
-    return (p.reshape(-1)[:1] if optimizer == "dope" else p), s
-
-
-def wrong_dtype_port(optimizer, param, grad, state, hparams):
-    p, s = good_port(optimizer, param, grad, state, hparams)
-    return (p.astype(np.float16) if optimizer == "dope" else p), s
-
-
-def nan_port(optimizer, param, grad, state, hparams):
-    p, s = good_port(optimizer, param, grad, state, hparams)
-    return (p * np.nan if optimizer == "dope" else p), s
-
-
-def lerp_port(optimizer, param, grad, state, hparams):
-    """A port that 'fixes' Q1: it interpolates as the documentation says."""
-    opt = (refopt.SAVEUS if optimizer == "saveus" else refopt.DOPE)(**hparams, quirks={"aliased_lerp": False})
-    st = opt.State(step=np.asarray(state["step"]), **{k: state[k] for k in opt.State._fields[1:]})
-    p, new = opt.step(param, grad, st)
-    return p, dict(new.items(), step=int(new.step))
+EXAMPLES = pathlib.Path(__file__).with_name("port_examples.py")
+examples = adapters.load_object(f"{EXAMPLES}:good_port", "python").__globals__
+good_port, lerp_port = examples["good_port"], examples["lerp_port"]
 
 
 @pytest.fixture
-def portmod(monkeypatch):
-    """This module importable as ``rtports`` so --port python:rtports:FN can name its functions."""
-    monkeypatch.setitem(sys.modules, "rtports", sys.modules[__name__])
-    return "rtports"
+def portmod():
+    """The examples file, as --port python:PATH:FN names its functions."""
+    return str(EXAMPLES)
 
 
 def run_cli(capsys, *argv):
@@ -198,7 +166,7 @@ def test_port_failure_fails_that_vector_only(vdir, capsys, portmod, fn, msg):
 
 
 @pytest.mark.parametrize("port, msg", [
-    ("nonsense", "expected one of python:MODULE:NAME"),
+    ("nonsense", "expected one of exec:COMMAND, torch:MODULE:NAME"),
     ("python:only_module", "expected python:MODULE:NAME"),
     ("python:no_such_module_xyz:f", "cannot import module 'no_such_module_xyz'"),
     ("python:json:no_such_fn", "has no attribute 'no_such_fn'"),
@@ -306,32 +274,34 @@ def test_optax_port_and_state_injection(vdir):
 
         return optax.GradientTransformation(lambda p: S(*opt.init(p)), update)
 
-    target = ports.OptaxPort("rtx:saveus_tx", factory=saveus_tx)
-    assert target.hparam_map == {"lr": "learning_rate"}
+    target = ports.OptaxPort("rtx:saveus_tx", factory=saveus_tx)  # lr arrives as learning_rate
     for v in load(vdir, ids=["s-f64", "s-f32-state"]):  # eager jax compiles every op: keep it short
         r = runner.run_case(v, target)
         # the update is p_new - p, which optax adds back: equal within float64 rounding
         assert r.status in ("passed", "failed") and r.worst_budget_units < 1e6, r.message
         assert r.outputs and set(r.outputs[0].state) == {"ema", "ema_squared"}
-    assert ports.inject_state((optax.EmptyState(), S(jnp.asarray(0), 1, 2)),
+    assert adapters.inject_state((optax.EmptyState(), S(jnp.asarray(0), 1, 2)),
                               {"step": 3, "ema": np.ones(2), "ema_squared": np.ones(2)}, jnp.asarray)[1].step == 3
-    assert ports.inject_state((optax.EmptyState(),), {"step": 3, "ema": np.ones(2)}, jnp.asarray) is None
+    assert adapters.inject_state((optax.EmptyState(),), {"step": 3, "ema": np.ones(2)}, jnp.asarray) is None
 
 
-def test_hparam_map_renames_for_the_port(vdir, capsys, monkeypatch):
-    mod = type(sys)("rtmap")
+def test_hparam_map_renames_for_the_port(vdir, capsys, tmp_path):
+    (tmp_path / "rtmap.py").write_text(textwrap.dedent(f"""
+        import importlib.util
+        spec = importlib.util.spec_from_file_location("examples", {str(EXAMPLES)!r})
+        examples = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(examples)
 
-    def port(optimizer, param, grad, state, hparams):
-        h = dict(hparams)
-        h["lr"] = h.pop("learning_rate")
-        return good_port(optimizer, param, grad, state, h)
-
-    mod.port = port
-    monkeypatch.setitem(sys.modules, "rtmap", mod)
-    code, out, _ = run_cli(capsys, "--vectors", str(vdir), "--port", "python:rtmap:port",
+        def port(optimizer, param, grad, state, hparams):
+            h = dict(hparams)
+            h["lr"] = h.pop("learning_rate")
+            return examples.good_port(optimizer, param, grad, state, h)
+    """))
+    code, out, _ = run_cli(capsys, "--vectors", str(vdir), "--port", f"python:{tmp_path / 'rtmap.py'}:port",
                            "--hparam-map", "lr=learning_rate", "-q")
     assert code == 0, out
-    code, _, err = run_cli(capsys, "--vectors", str(vdir), "--port", "python:rtmap:port", "--hparam-map", "lr")
+    code, _, err = run_cli(capsys, "--vectors", str(vdir), "--port", f"python:{tmp_path / 'rtmap.py'}:port",
+                           "--hparam-map", "lr")
     assert code == 2 and "expected OLD=NEW" in err
 
 
@@ -394,9 +364,11 @@ def test_pytest_plugin_options_parametrize_refopt_vector(vdir, tmp_path):
     if not any(ep.value == "refopt.conformance.pytest_plugin" for ep in entry_points(group="pytest11")):
         pytest.skip("refopt's pytest11 entry point is not installed")
     (tmp_path / "rtplug.py").write_text(textwrap.dedent(f"""
-        import sys
-        sys.path.insert(0, {str(__import__('pathlib').Path(__file__).parent)!r})
-        from test_runner import good_port, lerp_port  # noqa: F401
+        import importlib.util
+        spec = importlib.util.spec_from_file_location("examples", {str(EXAMPLES)!r})
+        examples = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(examples)
+        good_port, lerp_port = examples.good_port, examples.lerp_port
     """))
     (tmp_path / "test_port.py").write_text(textwrap.dedent("""
         from refopt.conformance.pytest_plugin import check_port
@@ -413,7 +385,7 @@ def test_pytest_plugin_options_parametrize_refopt_vector(vdir, tmp_path):
     res = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "test_port.py",
                           "--refopt-vectors", str(vdir), "--refopt-port", "python:rtplug:lerp_port"],
                          capture_output=True, text=True, cwd=tmp_path, timeout=120,
-                         env=dict(__import__("os").environ, PYTHONPATH=str(tmp_path)))
+                         env=dict(__import__("os").environ, PYTHONPATH=f"{tmp_path}:{pathlib.Path(refopt.__file__).parents[1]}"))
     # 5 reference vectors: all pass on the good port; the lerp port fails 4 (see above)
     assert res.returncode == 1 and "4 failed, 7 passed" in res.stdout, res.stdout + res.stderr
     assert "aliased_lerp" in res.stdout
