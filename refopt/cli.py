@@ -202,10 +202,12 @@ def check(args) -> int:
             for i, r in enumerate(failed):
                 # the verdict search re-runs the vector ~30 times: bounded so a broken port stays quick
                 r.diagnosis = diagnose.diagnose(r, extra, search=not args.no_diagnose and i < 50)
-        finally:  # the summary and the reports are written whatever happened
+        finally:  # the reports and the summary are written whatever happened
             elapsed = time.perf_counter() - t0
-            _print_results(args, results, elapsed)
-            _write_reports(args, results, elapsed)
+            try:
+                _write_reports(args, results, elapsed)
+            finally:
+                _print_results(args, results, elapsed)
     finally:
         for t in targets:
             if hasattr(t, "close"):

@@ -224,7 +224,10 @@ class PortProcess:
         lines = [ln.strip() for ln in text.splitlines() if ln.strip()]
         if not lines:
             return ""
-        line = "".join(c if c.isprintable() else "?" for c in lines[-1])
+        # the last line that names an error (a traceback's last line, "Fatal Python error: ..."),
+        # else the last line
+        named = [ln for ln in lines if any(w in ln for w in ("Error", "error:", "Exception", "Fatal"))]
+        line = "".join(c if c.isprintable() else "?" for c in (named or lines)[-1])
         return line[:300] + ("..." if len(line) > 300 else "")
 
     def _last_words(self) -> str:

@@ -61,6 +61,7 @@ def cause(r) -> str:
     else:
         text = r.message
     text = re.sub(r"^step \d+: ", "", text)
+    text = re.sub(r"; last line on its standard error: .*", "", text)
     return re.sub(r"(?<![\w.])[-+]?\d[\d.eE+-]*", "#", text)  # numbers differ between vectors, not causes
 
 

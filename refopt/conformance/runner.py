@@ -15,7 +15,7 @@ from typing import Callable
 from .. import registry
 from ..quirks import Quirks
 from . import backends
-from .targets import PortFailure, SkipVector
+from .targets import PortFailure, SkipVector, clean_text
 from .tolerance import judge
 
 RELEVANT_QUIRKS = {key: facts.quirks for key, facts in registry.OPTIMIZERS.items()}
@@ -98,17 +98,17 @@ def run_case(vector, target) -> CaseResult:
     try:
         outputs = target.run(vector)
     except SkipVector as exc:
-        return CaseResult(vector, target, "skipped", str(exc), seconds=time.perf_counter() - t0)
+        return CaseResult(vector, target, "skipped", clean_text(exc), seconds=time.perf_counter() - t0)
     except PortFailure as exc:
-        return CaseResult(vector, target, "failed", str(exc), math.inf, outputs=list(exc.outputs),
+        return CaseResult(vector, target, "failed", clean_text(exc), math.inf, outputs=list(exc.outputs),
                           seconds=time.perf_counter() - t0)
     status, worst, bitwise, compared, fb = judge_outputs(vector, outputs)
     msg = "" if fb is None else f"step {fb['step']}: {fb['reason']}"
-    faults = _unique(f for o in outputs for f in o.faults)
+    faults = _unique(clean_text(f) for o in outputs for f in o.faults)
     if faults:
         status, msg = "failed", "; ".join(faults) + (f" (and {msg})" if msg else "")
     return CaseResult(vector, target, status, msg, worst, bitwise, compared, fb, outputs,
-                      time.perf_counter() - t0, notes=_unique(n for o in outputs for n in o.notes), faults=faults)
+                      time.perf_counter() - t0, notes=_unique(clean_text(n) for o in outputs for n in o.notes), faults=faults)
 
 
 def _json(value) -> str:

@@ -110,6 +110,14 @@ def dtype_label(dtype) -> str:
     return "bfloat16" if dtype == np_dtype("bfloat16") else np.dtype(dtype).name
 
 
+def clean_text(text, limit: int = 2000) -> str:
+    """A port's text as one printable line: control characters, surrogates and other unprintable
+    characters become '?', and it is cut at ``limit`` characters (a port's messages end up on the
+    terminal, in JSON and in XML)."""
+    text = "".join(c if c.isprintable() else ("?" if c not in "\n\t" else " ") for c in str(text))
+    return text if len(text) <= limit else text[:limit] + "..."
+
+
 def call_port(where: str, fn: Callable, *args, **kwargs):
     try:
         return fn(*args, **kwargs)
