@@ -88,9 +88,12 @@ def step_liar(optimizer, param, grad, state, hparams):
 
 
 def stepless_port(optimizer, param, grad, state, hparams):
+    """Keeps its step count under another name."""
+    state = dict(state)
+    state.setdefault("step", state.pop("count", 0))
     p, s = good_port(optimizer, param, grad, state, hparams)
-    s.pop("step")
-    return p, dict(s, count=state.get("count", 0) + 1)
+    s["count"] = s.pop("step")
+    return p, s
 
 
 def renamed_state_port(optimizer, param, grad, state, hparams):
