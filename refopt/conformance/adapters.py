@@ -284,10 +284,10 @@ class TorchAdapter(Adapter):
 
     def __init__(self, name: str, cls):
         super().__init__(name)
-        try:
-            import torch
-        except ImportError:
-            raise ConfigError(f"--port {name}: torch is not installed") from None
+        if "torch" not in sys.modules:  # then it cannot be a torch class (and torch need not be imported)
+            raise ConfigError(f"--port {name}: {cls!r} is not a torch.optim.Optimizer subclass")
+        import torch
+
         if not (isinstance(cls, type) and issubclass(cls, torch.optim.Optimizer)):
             raise ConfigError(f"--port {name}: {cls!r} is not a torch.optim.Optimizer subclass")
         from .backends import torch_backend
@@ -433,6 +433,9 @@ def make_adapter(text: str, obj=None, *, in_place: bool = False, optimizers=None
     kind, sep, rest = text.partition(":")
     if kind not in ADAPTERS:
         kind, rest = "", text
+    if kind in ("torch", "optax") and not optimizers and not infer_optimizers(rest.rpartition(":")[2]):
+        raise ConfigError(f"--port {text}: cannot tell from its name whether it implements SAVEUS or "
+                          f"DOPE; add --optimizer saveus or --optimizer dope")
     if obj is None:
         obj = load_object(rest, kind)
     if not kind:
@@ -443,7 +446,7 @@ def make_adapter(text: str, obj=None, *, in_place: bool = False, optimizers=None
         adapter.optimizers = tuple(optimizers)
     elif kind != "python":
         adapter.optimizers = infer_optimizers(rest.rpartition(":")[2]) or adapter.optimizers
-    if kind != "python" and not adapter.optimizers:
+    if kind != "python" and not adapter.optimizers:  # an inferred torch port named neither way
         raise ConfigError(f"--port {name}: cannot tell from its name whether it implements SAVEUS or "
                           f"DOPE; add --optimizer saveus or --optimizer dope")
     return adapter
