@@ -74,6 +74,9 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--in-place", action="store_true",
                    help="a python port that updates param and state in place (as a torch optimizer does) "
                         "instead of returning new arrays")
+    c.add_argument("--in-process", action="store_true",
+                   help="run a Python port in refopt's own process instead of a worker (to debug it with "
+                        "breakpoints; an exit, crash or hang of the port then ends the run)")
     c.add_argument("--timeout", type=_seconds, default=None, metavar="SECONDS",
                    help="time limit per vector for a port (default 60); a port over it is ended and the "
                         "vector fails")
@@ -154,7 +157,7 @@ def _targets(args):
                 targets.append(ports.make_port(
                     spec, hmap, args.optimizer, profile=profile, quirks=quirks,
                     configured=bool(args.profile or args.quirks), in_place=args.in_place,
-                    timeout=args.timeout or DEFAULT_TIMEOUT))
+                    timeout=args.timeout or DEFAULT_TIMEOUT, isolated=not args.in_process))
         except BaseException:
             for t in targets:
                 t.close()
@@ -163,8 +166,9 @@ def _targets(args):
     for option in ("hparam_map", "quirks", "timeout"):
         if getattr(args, option):
             raise ConfigError(f"--{option.replace('_', '-')} needs --port")
-    if args.in_place:
-        raise ConfigError("--in-place needs --port")
+    for flag in ("in_place", "in_process"):
+        if getattr(args, flag):
+            raise ConfigError(f"--{flag.replace('_', '-')} needs --port")
     avail = backends.available_backends()
     names = args.backend or list(avail)
     unknown = [n for n in names if n not in avail]

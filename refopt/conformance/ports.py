@@ -176,12 +176,13 @@ def worker_env() -> dict:
 
 def make_port(text: str, hparam_map: dict | None = None, optimizers=None, *, profile: str = "reference",
               quirks: dict | None = None, configured: bool = False, timeout: float = DEFAULT_TIMEOUT,
-              in_place: bool = False) -> PortTarget:
+              in_place: bool = False, isolated: bool = True) -> PortTarget:
     """``exec:COMMAND`` or a Python port (``torch:``/``optax:``/``python:`` MODULE:NAME or
     path/to/file.py:NAME; ``MODULE:NAME`` alone when the kind can be told) -> a started target.
 
     A python port is told the optimizer on every case, so it takes the vectors of both. A torch
-    class or optax factory implements one: the one its name contains, else ``optimizers``."""
+    class or optax factory implements one: the one its name contains, else ``optimizers``.
+    ``isolated=False`` runs a Python port in this process (to debug it: its exit is then ours)."""
     kind, sep, rest = text.partition(":")
     options = dict(hparam_map=hparam_map, optimizers=optimizers, profile=profile, quirks=quirks,
                    configured=configured)
@@ -198,6 +199,9 @@ def make_port(text: str, hparam_map: dict | None = None, optimizers=None, *, pro
                           f"{', '.join(k + ':MODULE:NAME' for k in adapters.KINDS)} (or KIND:path/to/file.py:NAME)")
     if kind in adapters.KINDS and ":" not in rest:
         raise ConfigError(f"--port {text}: expected {kind}:MODULE:NAME or {kind}:path/to/file.py:NAME")
+    if not isolated:
+        adapter = adapters.make_adapter(text, in_place=in_place, optimizers=optimizers)
+        return PortTarget(text, InProcess(adapter), **options)
     process = PortProcess(worker_command(text, in_place=in_place, optimizers=optimizers), text,
                           timeout=timeout, env=worker_env(), worker=True)
     return PortTarget(text, process, **options)
