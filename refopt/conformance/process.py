@@ -9,12 +9,14 @@ the line limit in memory.
 """
 from __future__ import annotations
 
+import atexit
 import os
 import queue
 import signal
 import subprocess
 import threading
 import time
+import weakref
 
 from . import protocol
 from .protocol import Case, ProtocolError
@@ -28,6 +30,16 @@ MIN_START_TIMEOUT = 60.0
 MAX_DEATHS = 10
 STDERR_TAIL = 8192
 _CHUNK = 1 << 16
+
+
+#: Port processes still running, ended when the runner exits (however it exits).
+_LIVE: "weakref.WeakSet[PortProcess]" = weakref.WeakSet()
+
+
+@atexit.register
+def _end_all() -> None:
+    for port in list(_LIVE):
+        port.kill()
 
 
 class _Timeout(Exception):
@@ -70,6 +82,7 @@ class PortProcess:
                                          start_new_session=os.name == "posix")
         except (OSError, ValueError) as exc:
             raise ConfigError(f"--port {self.name}: cannot start {self.argv[0]!r} ({exc})") from None
+        _LIVE.add(self)
         self.lines: queue.Queue = queue.Queue()
         self.tail = bytearray()
         self.limit = protocol.MIN_LINE_LIMIT
