@@ -29,6 +29,8 @@ MIN_START_TIMEOUT = 60.0
 #: After this many cases in a row during which the process died, it is not restarted again.
 MAX_DEATHS = 10
 STDERR_TAIL = 8192
+#: Lines read ahead of the runner: a port that writes faster than it is read waits.
+READ_AHEAD = 16
 _CHUNK = 1 << 16
 
 
@@ -83,10 +85,12 @@ class PortProcess:
         except (OSError, ValueError) as exc:
             raise ConfigError(f"--port {self.name}: cannot start {self.argv[0]!r} ({exc})") from None
         _LIVE.add(self)
-        self.lines: queue.Queue = queue.Queue()
+        self.lines: queue.Queue = queue.Queue(READ_AHEAD)
+        self.stop = threading.Event()
         self.tail = bytearray()
         self.limit = protocol.MIN_LINE_LIMIT
-        self._threads = [threading.Thread(target=self._read_lines, args=(self.proc.stdout, self.lines), daemon=True),
+        self._threads = [threading.Thread(target=self._read_lines, args=(self.proc.stdout, self.lines, self.stop),
+                                          daemon=True),
                          threading.Thread(target=_read_tail, args=(self.proc.stderr, self.tail), daemon=True)]
         for t in self._threads:
             t.start()
@@ -113,6 +117,7 @@ class PortProcess:
         proc, self.proc = self.proc, None
         if proc is None:
             return
+        self._release()
         try:
             proc.stdin.close()
         except OSError:
@@ -125,10 +130,21 @@ class PortProcess:
     def kill(self) -> None:
         proc, self.proc = self.proc, None
         if proc is not None:
+            self._release()
             _kill(proc)
+
+    def _release(self) -> None:
+        """Let the reader of a process we are leaving finish (it may wait on a full queue)."""
+        self.stop.set()
+        try:
+            while True:
+                self.lines.get_nowait()
+        except queue.Empty:
+            pass
 
     def _reap(self) -> int:
         proc, self.proc = self.proc, None
+        self._release()
         try:
             code = proc.wait(timeout=5)
         except subprocess.TimeoutExpired:  # closed its output but lives on
@@ -203,8 +219,13 @@ class PortProcess:
 
     # -- reading (threads) -----------------------------------------------------------------------
 
-    def _read_lines(self, stream, q) -> None:
-        """Split standard output into lines; stop (and say so) at a line over the limit."""
+    def _read_lines(self, stream, q, stop) -> None:
+        """Split standard output into lines (blank ones skipped), at most READ_AHEAD ahead of the
+        runner; stop (and say so) at a line over the limit."""
+        def put(item) -> bool:
+            q.put(item)
+            return not stop.is_set()
+
         buf, scanned = bytearray(), 0
         try:
             while True:
@@ -218,19 +239,21 @@ class PortProcess:
                         scanned = len(buf)
                         break
                     if i > self.limit:
-                        q.put(("long", self.limit))
+                        put(("long", self.limit))
                         return
-                    q.put(("line", bytes(buf[:i])))
+                    line = bytes(buf[:i])
                     del buf[:i + 1]
                     scanned = 0
+                    if line.strip() and not put(("line", line)):
+                        return
                 if len(buf) > self.limit:
-                    q.put(("long", self.limit))
+                    put(("long", self.limit))
                     return
         except (OSError, ValueError):
             pass
         finally:
             _close(stream)
-        q.put(("eof", None))
+        put(("eof", None))
 
     def _last_line(self) -> str:
         text = bytes(self.tail[-STDERR_TAIL:]).decode("utf-8", "replace")
