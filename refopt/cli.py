@@ -60,7 +60,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     c = sub.add_parser("check", help="run the golden vectors on refopt's backends or on a port",
                        description="Run the golden vectors on every installed refopt backend, or on a port "
-                                   "(--port). Exit 0 all passed, 1 some failed, 2 usage/configuration/vector error.")
+                                   "(--port). Exit 0 all passed, 1 some failed, 2 usage/configuration/vector error, "
+                                   "3 partial (all that ran passed; some vectors need a hyperparameter the port "
+                                   "lacks).")
     c.add_argument("--port", action="append", default=[], metavar="KIND:MODULE:NAME",
                    help="a port to check instead of refopt itself: torch:MODULE:CLASS (a torch.optim.Optimizer), "
                         "optax:MODULE:FACTORY (returns a GradientTransformation), python:MODULE:FUNCTION "
