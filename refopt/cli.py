@@ -301,7 +301,7 @@ def _self_test(args, vecs, t0) -> int:
     for m in mutants.CATALOGUE:
         target = ports.PythonPort(f"refopt.builders.mutants:{m.name}", fn=mutants.port_function(m.name))
         mine = [v for v in vecs if v.optimizer == m.optimizer]
-        results = runner.run(runner.plan(mine, [target], "reference"))
+        results = runner.run(runner.plan(mine, [target]))
         all_results += results
         caught = [r.vector.id for r in results if r.status == "failed"]
         rows.append({"mutant": m.name, "optimizer": m.optimizer, "clause": m.clause, "mistake": m.mistake,
