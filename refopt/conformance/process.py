@@ -103,7 +103,7 @@ class PortProcess:
                               f"the port process was ended{self._last_words()}") from None
         except _Exited:
             code = self._reap()
-            words = self._last_line()
+            words = self._last_line(named=False)  # the worker's own one-line reason comes last
             if self.worker and code == 2 and words:
                 raise ConfigError(words) from None
             raise ConfigError(f"--port {self.name}: the port {describe(code)} before its hello message"
@@ -255,15 +255,15 @@ class PortProcess:
             _close(stream)
         put(("eof", None))
 
-    def _last_line(self) -> str:
+    def _last_line(self, named: bool = True) -> str:
         text = bytes(self.tail[-STDERR_TAIL:]).decode("utf-8", "replace")
         lines = [ln.strip() for ln in text.splitlines() if ln.strip()]
         if not lines:
             return ""
         # the last line that names an error (a traceback's last line, "Fatal Python error: ..."),
         # else the last line
-        named = [ln for ln in lines if any(w in ln for w in ("Error", "error:", "Exception", "Fatal"))]
-        line = "".join(c if c.isprintable() else "?" for c in (named or lines)[-1])
+        errors = [ln for ln in lines if any(w in ln for w in ("Error", "error:", "Exception", "Fatal"))] if named else []
+        line = "".join(c if c.isprintable() else "?" for c in (errors or lines)[-1])
         return line[:300] + ("..." if len(line) > 300 else "")
 
     def _last_words(self) -> str:
