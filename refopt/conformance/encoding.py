@@ -58,9 +58,13 @@ def decode(obj, where: str = "tensor") -> np.ndarray:
     """The array from its JSON form; ValueError naming ``where`` when it is malformed."""
     if not isinstance(obj, dict) or set(obj) != {"dtype", "shape", "b64"}:
         raise ValueError(f"{where}: expected an object with keys dtype, shape, b64")
+    if not isinstance(obj["dtype"], str):
+        raise ValueError(f"{where}: dtype must be a string")
     dt = np_dtype(obj["dtype"])
+    if not isinstance(obj["shape"], list):
+        raise ValueError(f"{where}: shape must be a list of non-negative integers, got {obj['shape']!r}")
     shape = tuple(obj["shape"])
-    if not all(isinstance(d, int) and d >= 0 for d in shape):
+    if not all(isinstance(d, int) and not isinstance(d, bool) and d >= 0 for d in shape):
         raise ValueError(f"{where}: shape must be non-negative integers, got {obj['shape']!r}")
     try:
         raw = base64.b64decode(obj["b64"], validate=True)

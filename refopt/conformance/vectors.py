@@ -8,7 +8,11 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
+import os
 import pathlib
+import re
+import stat
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -23,6 +27,12 @@ VECTORS_SUBDIR = "vectors"
 CHECKSUMS = "SHA256SUMS"
 OPTIMIZERS = tuple(registry.OPTIMIZERS)
 STATE_NAMES = {key: facts.buffers for key, facts in registry.OPTIMIZERS.items()}
+#: Bounds on what is read, so a damaged or hostile directory costs bounded memory and time.
+MAX_VECTOR_BYTES = 256 << 20
+MAX_CHECKSUM_BYTES = 4 << 20
+MAX_NDIM = 32
+#: Vector ids (and so file names): letters, digits, '.', '_', '-'.
+ID_PATTERN = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,99}")
 
 
 class VectorFileError(Exception):
@@ -135,17 +145,49 @@ def _as_set(x):
     return {x} if isinstance(x, str) else set(x)
 
 
+def read_regular(path: pathlib.Path, limit: int) -> bytes:
+    """The bytes of a regular file of at most ``limit`` bytes; VectorFileError for anything else
+    (a directory, a device, a FIFO, a link to one of those, a file too large)."""
+    try:
+        info = os.stat(path)  # follows links: a link to /dev/zero is a device
+    except OSError as exc:
+        raise VectorFileError(f"{path}: cannot read ({exc.strerror or exc})") from None
+    if not stat.S_ISREG(info.st_mode):
+        raise VectorFileError(f"{path}: not a regular file")
+    if info.st_size > limit:
+        raise VectorFileError(f"{path}: {info.st_size} bytes, more than the {limit} a vector file may have")
+    try:
+        with open(path, "rb") as f:
+            raw = f.read(limit + 1)
+    except OSError as exc:
+        raise VectorFileError(f"{path}: cannot read ({exc.strerror or exc})") from None
+    if len(raw) > limit:
+        raise VectorFileError(f"{path}: more than {limit} bytes")
+    return raw
+
+
 def read_checksums(root: pathlib.Path) -> dict:
     path = root / CHECKSUMS
-    if not path.is_file():
+    if not path.exists():
         raise VectorFileError(f"{path}: checksum file missing")
+    raw = read_regular(path, MAX_CHECKSUM_BYTES)
+    try:
+        text = raw.decode("ascii")
+    except UnicodeDecodeError as exc:
+        raise VectorFileError(f"{path}: not ASCII (byte {exc.start})") from None
     sums = {}
-    for n, line in enumerate(path.read_text(encoding="ascii").splitlines(), 1):
+    for n, line in enumerate(text.splitlines(), 1):
         if not line.strip():
             continue
         digest, sep, name = line.partition("  ")
-        if not sep or len(digest) != 64:
+        if not sep or not re.fullmatch(r"[0-9a-f]{64}", digest):
             raise VectorFileError(f"{path}:{n}: malformed line (expected '<sha256>  <file>')")
+        folder, slash, file = name.partition("/")
+        if folder != VECTORS_SUBDIR or not slash or not file.endswith(".json") \
+                or not ID_PATTERN.fullmatch(file[:-len(".json")]):
+            raise VectorFileError(f"{path}:{n}: {name!r} is not a vector file name (vectors/<id>.json)")
+        if name in sums:
+            raise VectorFileError(f"{path}:{n}: {name} listed twice")
         sums[name] = digest
     return sums
 
@@ -176,11 +218,13 @@ def load(path=None, *, optimizer=None, dtype=None, profile=None, ids=None) -> li
     for f in files:
         if want["id"] is not None and f.stem not in want["id"]:
             continue  # files are named by id, so unselected ones need not be read
-        raw = f.read_bytes()
+        raw = read_regular(f, MAX_VECTOR_BYTES)
         if hashlib.sha256(raw).hexdigest() != sums[f"{VECTORS_SUBDIR}/{f.name}"]:
             raise VectorFileError(f"{f}: checksum mismatch (edited or damaged; regenerate with "
                                   f"`refopt vectors generate`)")
         vec = parse(raw, f)
+        if vec.id != f.stem:
+            raise VectorFileError(f"{f}: its id {vec.id!r} is not its file name")
         if all(want[k] is None or getattr(vec, k) in want[k] for k in ("optimizer", "dtype", "profile")):
             out.append(vec)
     if not out:
@@ -195,23 +239,34 @@ def parse(raw: bytes, where="<vector>") -> Vector:
         doc = json.loads(raw)
     except UnicodeDecodeError as exc:
         raise VectorFileError(f"{where}: not UTF-8 ({exc})") from None
+    except RecursionError:
+        raise VectorFileError(f"{where}: nested too deeply to be a vector") from None
     except json.JSONDecodeError as exc:
         body = raw.strip()
         truncated = body.startswith(b"{") and not body.endswith(b"}")  # a cut-off object
         what = "truncated JSON" if truncated else "not JSON"
         raise VectorFileError(f"{where}: {what} ({exc.msg} at line {exc.lineno} column {exc.colno})") from None
+    except ValueError as exc:  # e.g. an integer of more digits than Python converts
+        raise VectorFileError(f"{where}: not JSON ({_short(exc)})") from None
     try:
         return _build(doc, where)
     except VectorFileError:
         raise
-    except (KeyError, TypeError, ValueError, AttributeError) as exc:
-        raise VectorFileError(f"{where}: off-schema ({type(exc).__name__}: {exc})") from None
+    except (KeyError, TypeError, ValueError, AttributeError, OverflowError, IndexError, RecursionError) as exc:
+        raise VectorFileError(f"{where}: off-schema ({type(exc).__name__}: {_short(exc)})") from None
+
+
+def _short(exc, limit: int = 200) -> str:
+    text = "".join(c if c.isprintable() else "?" for c in str(exc))
+    return text if len(text) <= limit else text[:limit] + "..."
 
 
 def _state(obj, names, where, dtype=None):
+    if not isinstance(obj, dict):
+        raise ValueError(f"{where} must be an object")
     out = {"step": obj["step"]}
-    if not isinstance(out["step"], int) or isinstance(out["step"], bool) or out["step"] < 0:
-        raise ValueError(f"{where}.step must be a non-negative integer")
+    if not isinstance(out["step"], int) or isinstance(out["step"], bool) or not 0 <= out["step"] < 2**62:
+        raise ValueError(f"{where}.step must be an integer in [0, 2**62)")
     for k in names:
         out[k] = decode(obj[k], f"{where}.{k}")
         if dtype is not None and str(obj[k]["dtype"]) != dtype:
@@ -221,6 +276,35 @@ def _state(obj, names, where, dtype=None):
 
 
 
+def _string(value, what, pattern=None) -> str:
+    if not isinstance(value, str) or (pattern is not None and not pattern.fullmatch(value)):
+        raise ValueError(f"{what} must be a string{' of letters, digits, ., _, -' if pattern else ''}, "
+                         f"got {_short(repr(value), 60)}")
+    return value
+
+
+def _strings(value, what) -> tuple:
+    if not isinstance(value, list) or not all(isinstance(x, str) and len(x) <= 100 for x in value):
+        raise ValueError(f"{what} must be a list of short strings")
+    return tuple(value)
+
+
+def _tolerance(tol) -> dict:
+    if not isinstance(tol, dict):
+        raise ValueError("tolerance must be an object")
+    for key in ("k", "floor_ulps"):
+        value = tol.get(key, 0.0)
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value < 0:
+            raise ValueError(f"tolerance.{key} must be a finite number >= 0, got {_short(repr(value), 60)}")
+    return dict(tol)
+
+
+def _budget(arr, what):
+    if not bool(np.all(np.isfinite(arr) & (arr >= 0))):
+        raise ValueError(f"{what} must be finite and >= 0 (it has NaN, infinite or negative values)")
+    return arr
+
+
 def _build(doc, where) -> Vector:
     if not isinstance(doc, dict):
         raise ValueError("top level must be an object")
@@ -228,8 +312,18 @@ def _build(doc, where) -> Vector:
         raise ValueError(f"format must be {FORMAT!r} version {FORMAT_VERSION}")
     opt = doc["optimizer"]
     if opt not in OPTIMIZERS:
-        raise ValueError(f"optimizer {opt!r} is not one of {', '.join(OPTIMIZERS)}")
+        raise ValueError(f"optimizer {_short(repr(opt), 60)} is not one of {', '.join(OPTIMIZERS)}")
     names = STATE_NAMES[opt]
+    _string(doc["id"], "id", ID_PATTERN)
+    if doc["dtype"] not in registry.DTYPES:
+        raise ValueError(f"dtype must be one of {', '.join(registry.DTYPES)}")
+    if doc["profile"] not in registry.PROFILES:
+        raise ValueError(f"profile must be one of {', '.join(registry.PROFILES)}")
+    if not isinstance(doc["shape"], list) or len(doc["shape"]) > MAX_NDIM or \
+            not all(isinstance(d, int) and not isinstance(d, bool) and 0 <= d < 2**40 for d in doc["shape"]):
+        raise ValueError(f"shape must be a list of at most {MAX_NDIM} non-negative integers")
+    if not isinstance(doc["hparams"], dict) or not isinstance(doc["steps"], list):
+        raise ValueError("hparams must be an object and steps a list")
     dtype, shape = doc["dtype"], tuple(doc["shape"])
     param0 = decode(doc["param0"], "param0")
     if param0.shape != shape or doc["param0"]["dtype"] != dtype:
@@ -245,15 +339,38 @@ def _build(doc, where) -> Vector:
         for what, a in (("grad", grad), ("param", param), ("budget", budget)):
             if a.shape != shape:
                 raise ValueError(f"{w}.{what} has shape {list(a.shape)}, expected {list(shape)}")
-        steps.append(Step(grad=grad, param=param, budget=budget,
-                          state=_state(s["state"], names, f"{w}.state", "float64"),
-                          state_budget={k: decode(v, f"{w}.state_budget.{k}")
-                                        for k, v in s["state_budget"].items()}))
+        if not isinstance(s["state_budget"], dict) or not set(s["state_budget"]) <= set(names):
+            raise ValueError(f"{w}.state_budget must be an object with keys among {', '.join(names)}")
+        state_budget = {k: _budget(decode(v, f"{w}.state_budget.{k}"), f"{w}.state_budget.{k}")
+                        for k, v in s["state_budget"].items()}
+        if any(b.shape != shape for b in state_budget.values()):
+            raise ValueError(f"{w}.state_budget arrays must have shape {list(shape)}")
+        steps.append(Step(grad=grad, param=param, budget=_budget(budget, f"{w}.budget"),
+                          state=_state(s["state"], names, f"{w}.state", "float64"), state_budget=state_budget))
     if not steps:
         raise ValueError("steps is empty")
-    return Vector(
-        id=doc["id"], name=doc["name"], optimizer=opt, profile=doc["profile"], quirks=dict(doc["quirks"]),
-        hparams=dict(doc["hparams"]), dtype=dtype, shape=shape, clauses=tuple(doc["clauses"]),
-        flags=tuple(doc["flags"]), param0=param0, state0=state0, steps=tuple(steps),
-        tolerance=dict(doc["tolerance"]), description=doc.get("description", ""), path=str(where),
+    vector = Vector(
+        id=doc["id"], name=_string(doc["name"], "name"), optimizer=opt, profile=doc["profile"],
+        quirks=dict(doc["quirks"]), hparams=dict(doc["hparams"]), dtype=dtype, shape=shape,
+        clauses=_strings(doc["clauses"], "clauses"), flags=_strings(doc["flags"], "flags"), param0=param0,
+        state0=state0, steps=tuple(steps), tolerance=_tolerance(doc["tolerance"]),
+        description=_string(doc.get("description", ""), "description"), path=str(where),
     )
+    _check_hparams(vector)
+    return vector
+
+
+def _check_hparams(vector) -> None:
+    """The vector's hyperparameters are ones the reference accepts (spec/errors.md)."""
+    known = {h.name for h in registry.OPTIMIZERS[vector.optimizer].hparams}
+    unknown = sorted(set(vector.hparams) - known)
+    if unknown:
+        raise ValueError(f"hparams: {_short(repr(unknown[0]), 60)} is not a hyperparameter of {vector.optimizer}")
+    cl = vector.hparams.get("clip_lambda")
+    if cl is not None and (not isinstance(cl, dict) or set(cl) != {"power"} or isinstance(cl["power"], bool)
+                           or not isinstance(cl["power"], (int, float))):
+        raise ValueError('hparams.clip_lambda must be null or {"power": number}')
+    try:
+        vector.make_reference()
+    except (TypeError, ValueError) as exc:
+        raise ValueError(f"hparams: {_short(exc)}") from None
