@@ -30,6 +30,24 @@ F16_TINY = {"scale": 1e-3, "hparams": {"weight_decay": 0.0}}
 #: reference lr a bfloat16 parameter (8 bits) cannot show most switches (FLAGS.md: VisibleStep).
 BIG_LR_SAVEUS = 3e-2
 BIG_LR_DOPE = 1e-2
+#: Step counts of the LongHorizon vectors (FLAGS.md): bias corrections still below 1 (10**3),
+#: within 1e-4 of 1 (10**5), eps * sqrt(t) and t**lambda large (10**7), and a count that no
+#: longer fits an int32 (2**31 - 2, stepped past 2**31 - 1).
+HORIZONS = (1000, 10**5, 10**7, 2**31 - 2)
+LONG_HORIZON = min(HORIZONS)
+#: Scale vectors (FLAGS.md: Scale): 2**17 elements and more, in shapes that defeat per-block
+#: reductions and vectorised tails: a prime length, two rows longer than 2**16 (odd length), and
+#: 131101 channels of one element.
+PRIME = 131101                   # the first prime above 2**17
+SCALE_SHAPES = (((PRIME,), "prime", {}), ((2, 65537), "long-rows", {}),
+                ((PRIME, 1), "one-element-channels", {"normalize_channels": False}))
+SCALE_START = 10                 # the generated state's step count
+#: The generated state of a scale vector: (exponent, centred) per buffer (refopt.conformance.
+#: counter), sized like what the processed gradient makes (DOPE clips it with clip = 64).
+COUNTER_STATE = {"saveus": {"ema": (-1, True), "ema_squared": (0, False)},
+                 "dope": {"exp_avg": (-5, True), "fim": (-6, False), "fim_diff": (-5, False),
+                          "prev_grad": (-2, True)}}
+SCALE_HPARAMS = {"saveus": {"lr": BIG_LR_SAVEUS}, "dope": {"lr": BIG_LR_DOPE, "clip": 64.0}}
 
 
 @dataclass(frozen=True)
@@ -47,6 +65,12 @@ class Case:
     scale: float = 1.0              # gradient scale
     pscale: float = 1.0             # initial parameter scale
     flags: tuple = ()
+    start_step: int = 0             # >0: the given state's step count (its buffers from ``warm`` steps)
+    counter: bool = False           # format 2: counter-generated inputs and state, judged subset
+
+    @property
+    def format_version(self) -> int:
+        return 2 if self.counter else 1
 
     @property
     def name(self) -> str:
@@ -66,6 +90,10 @@ class Case:
         base = SAVEUS_DEFAULTS if self.optimizer == "saveus" else DOPE_DEFAULTS
         changed = {k: v for k, v in self.full_hparams().items() if base[k] != v}
         start = f"the state after {self.warm} steps" if self.warm else "a fresh state"
+        if self.start_step:
+            start = f"a state at step {self.start_step} (buffers of {self.warm} steps)"
+        if self.counter:
+            start = f"a generated state at step {self.start_step}"
         text = (f"{self.optimizer.upper()}, profile {self.profile}, {self.dtype} {list(self.shape)}, "
                 f"{self.steps} step(s) from {start}, {self.grads} gradients")
         if self.scale != 1.0:
@@ -87,8 +115,14 @@ class Case:
             f.append("Float16SafeHparams")
         if self.profile == "documented":
             f.append("DocumentedProfile")
-        if self.warm:
+        if self.warm or self.counter:
             f.append("WarmState")
+        if self.start_step >= LONG_HORIZON:
+            f.append("LongHorizon")
+        if self.start_step + self.steps >= 2**31:
+            f.append("StepCountInt64")
+        if self.counter:
+            f.append("Scale")
         if self.steps == 1:
             f.append("SingleStep")
         if self.steps >= 8:
@@ -187,9 +221,25 @@ def _common(opt: str) -> list:
     return cases
 
 
+def _depth(opt: str) -> list:
+    """Scale and long-horizon cases, in every dtype (FLAGS.md: Scale, LongHorizon)."""
+    cases = []
+    for shape, label, hparams in SCALE_SHAPES:
+        cases += _per_dtype(opt, f"scale-{label}", shape, steps=1, counter=True, start_step=SCALE_START,
+                            hparams={**SCALE_HPARAMS[opt], **hparams},
+                            flags=("GlobalStd",) if hparams.get("normalize_channels") is False else ())
+    horizon = {"saveus": {"lr": BIG_LR_SAVEUS},
+               # eps_floor: eps * sqrt(t) passes the floor between 10**3 and 10**5
+               "dope": {"lr": BIG_LR_DOPE, "momentum_beta": 0.9, "eps_floor": 1e-4, "clip": 0.0}}[opt]
+    for start in HORIZONS:
+        cases += _per_dtype(opt, f"horizon-{start}", (4, 6), steps=3, warm=12, start_step=start,
+                            hparams=horizon, flags=("EpsFloor", "ClipOff") if opt == "dope" else ())
+    return cases
+
+
 def saveus_cases() -> list:
     o = "saveus"
-    cases = _common(o)
+    cases = _common(o) + _depth(o)
     cases += _per_dtype(o, "decoupled-clip", (4, 6),
                         hparams={"lr": BIG_LR_SAVEUS, "weight_decay": 0.1, "decouple_weight_decay": True,
                                  "clip_gradients": True},
@@ -219,7 +269,7 @@ def saveus_cases() -> list:
 
 def dope_cases() -> list:
     o = "dope"
-    cases = _common(o)
+    cases = _common(o) + _depth(o)
     cases += _per_dtype(o, "floor-nocautious-noclip", (4, 6),
                         hparams={"eps_floor": 1e-3, "cautious": False, "clip": 0.0},
                         flags=("EpsFloor", "CautiousOff", "ClipOff"))
