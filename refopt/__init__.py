@@ -13,7 +13,7 @@ from .saveus import SAVEUS
 
 __version__ = "1.0.0"
 #: Version of the normative text in spec/ that this code implements.
-SPEC_VERSION = "1.0.0"
+SPEC_VERSION = "2.0.0"
 
 
 

@@ -63,11 +63,12 @@ class Arithmetic:
 
     def in_storage(self, c):
         """<c>_D: an added constant or an ``add`` alpha. PyTorch converts it to a 16-bit tensor's
-        own dtype first, so it is rounded to D, then widened exactly to W."""
+        own dtype first, through float32 (a binary64 number becomes a float, then a bfloat16 or
+        half), so it is rounded to W, then to D, then widened exactly to W (A3.3)."""
         if not self.rounds_to_storage:
             return c
         xp = self.xp
-        c = self.constant(c, self.scalar) if isinstance(c, (int, float)) else xp.astype(c, self.scalar)
+        c = self.constant(c, self.work) if isinstance(c, (int, float)) else xp.astype(c, self.work)
         return xp.astype(xp.astype(c, self.storage), self.work)
 
     def step_count(self, step):

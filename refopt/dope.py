@@ -99,12 +99,22 @@ def momentum(ops, exp_avg, c_t, momentum_beta: float, torch_empty_axis_mean: boo
     return ops.sub(exp_avg, mean)
 
 
+def float32_power(ops, count, exponent: float):
+    """D11's pow_32 <dope.md#d11>: f32(t) ** f32(lambda), correctly rounded to float32 (as
+    PyTorch computes it on the CPU). Evaluated in S and rounded once: NumPy's float32 power is
+    not correctly rounded; without float64 (JAX without x64) XLA's float32 power is used, which is."""
+    xp = ops.xp
+    base = xp.astype(xp.astype(count, xp.float32), ops.scalar)
+    power = xp.pow(base, xp.astype(ops.constant(exponent, xp.float32), ops.scalar))
+    return xp.astype(power, xp.float32)
+
+
 def amplification(ops, count, t, momentum_lambda: float, lambda_scaled: bool, float32_scalars: bool):
     """D11's A_t <dope.md#d11>: lambda * t**lambda (Q4 off: t**lambda), in float32 (Q5) or in S,
     returned in W. ``count`` is t as the integer step count, ``t`` the same in S."""
     xp = ops.xp
     if float32_scalars:
-        power = xp.pow(xp.astype(count, xp.float32), ops.constant(momentum_lambda, xp.float32))
+        power = float32_power(ops, count, momentum_lambda)
         return xp.astype(momentum_lambda * power if lambda_scaled else power, ops.work)
     power = t**momentum_lambda
     return ops.in_work(momentum_lambda * power if lambda_scaled else power)
@@ -174,7 +184,7 @@ class DOPE(Optimizer):
               ("D3", clip_by_norm),
               ("D4", fisher_estimates), ("D5", bias_corrections), ("D6", epsilon), ("D7", denominators),
               ("D8", natural_gradient), ("D9", mars_correction), ("D10", momentum),
-              ("D11", amplification), ("D11", amplified_momentum), ("D12", agreement),
+              ("D11", float32_power), ("D11", amplification), ("D11", amplified_momentum), ("D12", agreement),
               ("D12", count_true), ("D12", cautious_scale), ("D12", cautious_mask), ("D13", preconditioned_weight_decay), ("D14", parameter_update))
 
     def _update(self, param, grad, state):

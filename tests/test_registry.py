@@ -170,3 +170,19 @@ def test_the_oracle_keeps_its_own_copy_and_it_agrees():
     assert oracle.QUIRKS == registry.QUIRK_NAMES
     assert oracle.REFERENCE == {n: q.reference for n, q in registry.QUIRKS.items()}
     assert oracle.DOCUMENTED == {n: q.documented for n, q in registry.QUIRKS.items()}
+
+
+def test_every_spec_file_states_the_version_the_code_implements():
+    version = refopt.SPEC_VERSION
+    for path in sorted(SPEC.glob("*.md")):
+        text = path.read_text(encoding="utf-8")
+        if path.name == "CHANGELOG.md":
+            assert f"## {version} " in text
+        elif path.name == "README.md":
+            assert f"**Version {version}**" in text
+        elif path.name == "errors.md":
+            assert f"specification {version}" in text
+        else:
+            assert f"Specification version {version}." in text, path.name
+    assert all(v.spec_version == version for v in vectors.load()) if hasattr(vectors.Vector, "spec_version") \
+        else True

@@ -61,7 +61,8 @@ class Case:
     quirks: dict = field(default_factory=dict)    # overrides of the profile
     steps: int = 8
     warm: int = 0                   # >0: start from the state after this many steps (non-fresh)
-    grads: str = "normal"           # gradient recipe (generate.py): normal, mixed, tiny, zeros, nonfinite
+    grads: str = "normal"           # gradient recipe (generate.py): normal, mixed, tiny, zeros, nonfinite,
+                                    # offset (a large common offset), overflow-row (one huge constant row)
     scale: float = 1.0              # gradient scale
     pscale: float = 1.0             # initial parameter scale
     flags: tuple = ()
@@ -156,7 +157,7 @@ def clauses(case: Case) -> tuple:
         out += [f"{p}1", "A1"]
         if ndim <= 1:
             out.append("Q2")
-    if case.grads == "nonfinite" or (norm_on and ndim > 1 and h["normalize_channels"]
+    if case.grads in ("nonfinite", "overflow-row") or (norm_on and ndim > 1 and h["normalize_channels"]
                                      and math.prod(shape[1:]) == 1):
         out.append("A5")  # a NaN gradient, or the NaN std of a one-element channel (A2)
     if norm_on:
@@ -214,6 +215,15 @@ def _common(opt: str) -> list:
     cases += _per_dtype(opt, "warm-single", (3, 5), steps=1, warm=41)
     cases += _per_dtype(opt, "warm", (17,), steps=8, warm=12, flags=("TorchEmptyAxisMean",))
     cases += _per_dtype(opt, "nonfinite", (3, 5), grads="nonfinite", flags=("NonFiniteGrad",))
+    # A2: the mean inside the standard deviation is not rounded to D (only 16-bit can show it)
+    cases += _per_dtype(opt, "offset-grad", (4, 6), dtypes=LOW, grads="offset", scale=100.0, steps=3,
+                        hparams={"clip": 0.0} if opt == "dope" else {},
+                        f16=None if opt == "dope" else {"hparams": {"eps": 1e-4}}, flags=("LargeOffset",))
+    # S2/D2 with Q1: a quotient g/s that overflows is NaN (Q1 on), infinite with Q1 off
+    for profile in ("reference", "documented"):
+        cases += _per_dtype(opt, f"quotient-overflow-{profile}", (3, 5), dtypes=("float64",), grads="overflow-row",
+                            profile=profile, hparams={"centralization": 0.0}, steps=3,
+                            flags=("QuotientOverflow",))
     cases += _per_dtype(opt, "documented", (3, 5), profile="documented", flags=("QuirksOff",))
     cases += _per_dtype(opt, "documented", (9,), profile="documented", flags=("QuirksOff",))
     cases += _per_dtype(opt, "array-api-mean", (9,), quirks={"torch_empty_axis_mean": False},

@@ -60,6 +60,16 @@ def _grads(case: catalog.Case, rng, steps: int) -> list:
             flat[:: 3] = 0.0
             flat[1 + i % 2:: 5] = 0.0
             g = flat.reshape(shape)
+        elif case.grads == "offset":
+            # a common offset s with noise of about one ulp of s in the dtype: the std is then
+            # comparable to the rounding of the mean, so rounding the mean inside the std to D
+            # (instead of keeping it in W, A2) shows in the state
+            g = g / s * s * 2.0 ** -tolerance.finfo(case.dtype)["nmant"] + s
+        elif case.grads == "overflow-row":
+            # row 1 the constant 2**1000: a sum of equal powers of two is exact in any order, so
+            # its std is exactly 0 everywhere and g / (0 + 1e-8) overflows (S2/D2 with Q1)
+            g = g.copy()
+            g[1] = 2.0**1000
         elif case.grads == "nonfinite" and i == 5:
             g = g.copy()
             g.reshape(-1)[g.size // 2] = np.nan
@@ -191,7 +201,7 @@ def document(case: catalog.Case, param0, grads, state0, judged=None, samples: in
     for i, ((gp, gs), (sp, ss)) in enumerate(zip(gold, runs)):
         budget = mca.budget(sp, gp)
         sbudget = {k: mca.budget(ss[k], gs[k]) for k in names}
-        _check(case, i, gp, budget, gs, sbudget)
+        _check(case, i, gp, budget, gs, sbudget, sp, ss)
         steps.append({
             "grad": _input_json(grads[i], case.dtype),
             "param": expected(gp),
@@ -228,10 +238,17 @@ def document(case: catalog.Case, param0, grads, state0, judged=None, samples: in
     return doc
 
 
-def _check(case, i, gp, budget, gs, sbudget):
+def _check(case, i, gp, budget, gs, sbudget, sp, ss):
     """A golden must be usable: finite (unless the case is about NaN), with finite budgets."""
-    expect_nan = {"NaNChannel", "NonFiniteGrad"} & set(case.flags)
+    expect_nan = {"NaNChannel", "NonFiniteGrad", "QuotientOverflow"} & set(case.flags)
     where = f"{case.name} step {i + 1}"
+    # A NaN must be stable too: samples finite where the golden is NaN mean the NaN hangs on one
+    # evaluation order. QuotientOverflow is the exception: its NaN comes from a sum of equal
+    # powers of two, exact in every order, which the Monte Carlo model jitters all the same.
+    if "QuotientOverflow" not in case.flags:
+        for what, golden, drawn in (("param", gp, sp), *((k, gs[k], ss[k]) for k in sbudget)):
+            if np.any(np.isnan(golden)[None] & ~np.isnan(drawn)):
+                raise RuntimeError(f"{where}: {what} is NaN in the golden but not in every sample")
     if not expect_nan and not np.all(np.isfinite(gp)):
         raise RuntimeError(f"{where}: non-finite golden")
     with np.errstate(over="ignore"):

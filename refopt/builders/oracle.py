@@ -144,10 +144,14 @@ def _normalize(g, alpha, channels: bool, aliased: bool):
 # --- the two float32 scalars (quirk float32_scalars) --------------------------------------------
 
 def _amplification(t: int, lam: float, scaled: bool, f32: bool):
-    """D11: lam * t**lam (Q4), as a float32 pow of float32(t) then a float32 multiply (Q5)."""
+    """D11: lam * t**lam (Q4), as a correctly rounded float32 pow of float32(t) then a float32
+    multiply (Q5). The power is taken at ``mp.dps`` digits and rounded once to float32's 24 bits
+    (NumPy's own float32 power is not correctly rounded)."""
     if f32:
         lam32 = np.float32(lam)
-        a = np.power(np.float32(t), lam32, dtype=np.float32)
+        exact = mpf(float(np.float32(t))) ** mpf(float(lam32))
+        with mpmath.workprec(24):  # round to nearest at float32's precision (normal range)
+            a = np.float32(float(+exact))
         if scaled:
             a = np.multiply(lam32, a, dtype=np.float32)
         return mpf(float(a))

@@ -40,7 +40,7 @@ class Judgement:
 def ulp(golden: np.ndarray, dtype: str) -> np.ndarray:
     """Spacing of ``dtype`` at |golden| (float64): the gap to the next value away from zero,
     never below the smallest subnormal."""
-    fi = _finfo(dtype)
+    fi = finfo(dtype)
     a = np.abs(np.asarray(golden, dtype=np.float64))
     with np.errstate(invalid="ignore", over="ignore"):
         _, e = np.frexp(np.where(np.isfinite(a), a, 0.0))
@@ -50,7 +50,7 @@ def ulp(golden: np.ndarray, dtype: str) -> np.ndarray:
     return spacing
 
 
-def _finfo(dtype: str) -> dict:
+def finfo(dtype: str) -> dict:
     import ml_dtypes
 
     fi = ml_dtypes.finfo(np_dtype(dtype)) if dtype == "bfloat16" else np.finfo(np_dtype(dtype))

@@ -76,8 +76,9 @@ def process_grad(b, q, *, c, center: bool, a, normalize: bool, channels: bool):
         if s is None:
             continue
         s = s.to(g.dtype).add_(1e-8)
-        if q.aliased_lerp:  # Q1: lerp of g/s with itself leaves g/s
+        if q.aliased_lerp:  # Q1: the lerp of g/s with itself leaves g/s, NaN where it is infinite
             g.div_(s)
+            g.lerp_(g, a)
         else:  # documented interpolation g + a*(g/s - g)
             torch.div(g, s, out=tmp).sub_(g)
             g.add_(tmp, alpha=a)

@@ -29,6 +29,23 @@ def _std_of_whole_tensor(ops, x, channels):
     return common.normalizer_std(ops, x, False)
 
 
+def _std_mean_rounded_to_storage(ops, x, channels):
+    """A2 with the mean rounded to D before the deviations are taken."""
+    xp = ops.xp
+    axes = tuple(range(1, x.ndim)) if x.ndim > 1 and channels else None
+    if axes is None and math.prod(x.shape) <= 2:
+        return None
+    count = math.prod(x.shape[1:]) if axes else math.prod(x.shape)
+    mean = ops.round(xp.mean(x, axis=axes, keepdims=True))
+    deviation = x - mean
+    variance = xp.sum(deviation * deviation, axis=axes, keepdims=axes is not None) / (count - 1)
+    return ops.round(xp.sqrt(variance))
+
+
+def _keeps_infinities(ops, x):
+    return x
+
+
 def _normalize_without_eps(ops, g, weight, channels, aliased_lerp):
     std = common.normalizer_std(ops, g, channels)
     if std is None:
@@ -122,7 +139,13 @@ MUTANTS = (
            replaces=lambda: {"normalizer_std": _std_correction_0}),
     *_both("global-std", ("A2", "S2"), ("A2", "D2"), "the normalizer std over the whole tensor, not per channel",
            replaces=lambda: {"normalizer_std": _std_of_whole_tensor}),
+    *_both("std-mean-rounded-to-storage", ("A2", "S2"), ("A2", "D2"),
+           "the mean inside the normalizer std is rounded to the 16-bit dtype",
+           replaces=lambda: {"normalizer_std": _std_mean_rounded_to_storage}, only=("float16",)),
     # S2/D2 (shared clause)
+    *_both("aliased-lerp-keeps-infinities", ("S2", "Q1"), ("D2", "Q1"),
+           "Q1 implemented as g/s alone: an overflowing quotient stays infinite instead of NaN",
+           replaces=lambda: {"infinities_to_nan": _keeps_infinities}, only=("float64",)),
     *_both("std-without-eps", ("S2",), ("D2",), "the normalizer divides by the std without the +1e-8",
            replaces=lambda: {"normalize": _normalize_without_eps}),
     *_both("interpolating-lerp", ("S2", "Q1"), ("D2", "Q1"), "the normalization interpolates g + a*(g/s - g)",
