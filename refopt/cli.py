@@ -37,6 +37,16 @@ def _csv(choices):
     return parse
 
 
+def _positive_int(text):
+    try:
+        value = int(text)
+    except ValueError:
+        value = 0
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}")
+    return value
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = _Parser(prog="refopt", description="SAVEUS/DOPE reference: conformance checks and golden vectors.")
     sub = p.add_subparsers(dest="command", required=True, parser_class=_Parser)
@@ -65,6 +75,13 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--self-test", action="store_true",
                    help="check that every known porting mistake (refopt.builders.mutants) is rejected")
     c.add_argument("--no-diagnose", action="store_true", help="skip the verdict search for failing vectors")
+    c.add_argument("--fuzz", type=_positive_int, metavar="N",
+                   help="instead of the vector files, judge N random cases drawn by Hypothesis (budgets computed on "
+                        "the fly); a failure is shrunk and written as a vector file (--fuzz-out)")
+    c.add_argument("--seed", type=int, default=0, metavar="S", help="the fuzzer's seed (default 0)")
+    c.add_argument("--fuzz-time", type=float, metavar="SECONDS", help="stop drawing new cases after this long")
+    c.add_argument("--fuzz-out", default="refopt-fuzz", metavar="DIR",
+                   help="vector directory a failing fuzz case is written to (default ./refopt-fuzz)")
     g = c.add_mutually_exclusive_group()
     g.add_argument("-q", "--quiet", action="store_true", help="only the final line")
     g.add_argument("-v", "--verbose", action="store_true", help="every case, and full diagnoses")
@@ -137,6 +154,8 @@ def check(args) -> int:
     from .conformance import diagnose, report, runner
 
     t0 = time.perf_counter()
+    if args.fuzz is not None:
+        return _fuzz(args, t0)
     vecs = _select(args)
     if args.self_test:
         return _self_test(args, vecs, t0)
@@ -159,6 +178,36 @@ def check(args) -> int:
     _write_reports(args, results, elapsed)
     if all(r.status == "skipped" for r in results):
         raise ConfigError("every selected vector was skipped; nothing was checked")
+    return EXIT_FAIL if failed else EXIT_OK
+
+
+def _fuzz(args, t0) -> int:
+    import pathlib
+
+    from .conformance import diagnose, fuzz, report
+
+    if args.self_test or args.ids or args.vectors:
+        raise ConfigError("--fuzz draws its own cases: it cannot be combined with --self-test, --ids or --vectors")
+    if args.port and args.profile and len(args.profile) > 1:
+        raise ConfigError("a port implements one profile: give one --profile with --port")
+    targets = _targets(args)
+    out = pathlib.Path(args.fuzz_out)
+    outcome = fuzz.run(targets, examples=args.fuzz, seed=args.seed, seconds=args.fuzz_time, optimizers=args.optimizer,
+                       dtypes=args.dtype, profile=args.profile[0] if args.profile else "reference", out=out,
+                       progress=report.Progress())
+    failed = [r for r in outcome.results if r.status == "failed"]
+    replay = (*(("--hparam-map", args.hparam_map) if args.hparam_map else ()), "--vectors", str(out),
+              *(("--profile", args.profile[0]) if args.profile else ()))
+    for r in failed:
+        r.diagnosis = diagnose.diagnose(r, replay, search=not args.no_diagnose)
+        if not args.quiet:
+            print("FAILED " + r.diagnosis.text(), file=sys.stdout)
+    elapsed = time.perf_counter() - t0
+    stop = " (time limit reached)" if outcome.stopped_by_time else ""
+    verdict = f"a failure, shrunk and written to {outcome.path}" if failed else "no failure"
+    print(f"fuzz: {outcome.examples} case(s), seed {args.seed}{stop}: {verdict} in {elapsed:.1f} s", file=sys.stdout)
+    _write_reports(args, outcome.results, elapsed, {"fuzz": {"examples": outcome.examples, "seed": args.seed,
+                                                             "written": str(outcome.path) if failed else None}})
     return EXIT_FAIL if failed else EXIT_OK
 
 

@@ -70,10 +70,6 @@ class Case:
     counter: bool = False           # format 2: counter-generated inputs and state, judged subset
 
     @property
-    def format_version(self) -> int:
-        return 2 if self.counter else 1
-
-    @property
     def name(self) -> str:
         dims = "x".join(map(str, self.shape)) if self.shape else "scalar"
         return f"{self.optimizer}/{self.label}/{dims}/{self.dtype}"
@@ -112,8 +108,8 @@ class Case:
 
     def all_flags(self) -> tuple:
         f = list(self.flags)
-        if self.optimizer == "dope" and self.dtype == "float16":
-            f.append("Float16SafeHparams")
+        if self.optimizer == "dope" and self.dtype == "float16" and "Fuzz" not in f:  # a fuzzed case
+            f.append("Float16SafeHparams")                                              # draws its own
         if self.profile == "documented":
             f.append("DocumentedProfile")
         if self.warm or self.counter:

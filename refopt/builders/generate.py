@@ -178,10 +178,28 @@ def build(case: catalog.Case) -> tuple:
     return doc["id"], doc
 
 
-def document(case: catalog.Case, param0, grads, state0, judged=None, samples: int = SAMPLES) -> dict:
+class NothingToJudge(Exception):
+    """Every element of a case is unstable (``document(..., exclude_unstable=True)``)."""
+
+
+def unstable(golden, drawn) -> np.ndarray:
+    """Where the samples ``drawn`` [N, ...] disagree with ``golden`` on being NaN, infinite or finite:
+    a rounding can decide it, so no result there is right or wrong."""
+    g = np.asarray(golden, dtype=np.float64)[None]
+    with np.errstate(invalid="ignore"):
+        nan = np.isnan(g) & ~np.isnan(drawn)
+        inf = np.isinf(g) & (drawn != g)
+        finite = np.isfinite(g) & ~np.isfinite(drawn)
+    return np.any(nan | inf | finite, axis=0)
+
+
+def document(case: catalog.Case, param0, grads, state0, judged=None, samples: int = SAMPLES,
+             exclude_unstable: bool = False) -> dict:
     """The vector file of ``case`` run from these inputs (arrays, or Generated for format 2): the
-    golden, the Monte Carlo budgets (``samples`` runs), and the checks of ``_check``. Format 2
-    stores the elements listed in ``judged`` (flat indices) only, compressed."""
+    golden, the Monte Carlo budgets (``samples`` runs), and the checks of ``_check``. The elements
+    listed in ``judged`` (flat indices) are stored, compressed, in format 2. ``exclude_unstable``
+    (the fuzzer's cases) judges only the elements ``unstable`` leaves, instead of refusing a case
+    with any (``NothingToJudge`` when none is left)."""
     opt = _optimizer(case)
     arrays = [materialize(param0), [materialize(g) for g in grads],
               None if state0 is None else {k: (v if k == "step" else materialize(v)) for k, v in state0.items()}]
@@ -189,7 +207,18 @@ def document(case: catalog.Case, param0, grads, state0, judged=None, samples: in
     seed = case_seed(case.name, "mca")
     runs = mca.run(opt, arrays[0], arrays[1], dtype=case.dtype, state0=arrays[2], samples=samples, seed=seed)
     names = STATE_NAMES[case.optimizer]
-    version = case.format_version
+    if exclude_unstable:
+        bad = np.zeros(case.shape, dtype=bool)
+        for (gp, gs), (sp, ss) in zip(gold, runs):
+            bad |= unstable(gp, sp)
+            for k in names:
+                bad |= unstable(gs[k], ss[k])
+        if bad.any():
+            stable = np.flatnonzero(~bad.reshape(-1))
+            judged = stable if judged is None else np.intersect1d(judged, stable)
+            if judged.size == 0:
+                raise NothingToJudge(f"{case.name}: every element is unstable")
+    version = 2 if case.counter or judged is not None else 1
 
     def part(x):
         return x if judged is None else np.asarray(x).reshape(-1)[judged]
@@ -201,7 +230,8 @@ def document(case: catalog.Case, param0, grads, state0, judged=None, samples: in
     for i, ((gp, gs), (sp, ss)) in enumerate(zip(gold, runs)):
         budget = mca.budget(sp, gp)
         sbudget = {k: mca.budget(ss[k], gs[k]) for k in names}
-        _check(case, i, gp, budget, gs, sbudget, sp, ss)
+        if not exclude_unstable:
+            _check(case, i, gp, budget, gs, sbudget, sp, ss)
         steps.append({
             "grad": _input_json(grads[i], case.dtype),
             "param": expected(gp),

@@ -105,10 +105,13 @@ def plan(vectors, targets, port_profile: str = "reference") -> list[tuple]:
 
 def sample(vectors, per_group: int | None = None) -> list:
     """A deterministic sample covering every optimizer x dtype: a vector starting from a given
-    state and a multi-axis one first, as they exercise the most of a step."""
+    state and a multi-axis one first, as they exercise the most of a step. Scale vectors are left
+    to the full runs (a compiled backend named with --backend)."""
     n = backends.SAMPLE_PER_GROUP if per_group is None else per_group
     groups: dict = {}
     for v in vectors:
+        if "Scale" in v.flags:
+            continue
         groups.setdefault((v.optimizer, v.dtype), []).append(v)
     keep = set()
     for vs in groups.values():
