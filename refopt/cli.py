@@ -1,7 +1,8 @@
 """The ``refopt`` command: ``refopt check`` (conformance) and ``refopt vectors generate``.
 
 Exit status: 0 every selected vector passed; 1 some vector failed; 2 usage, configuration or
-vector-file error (one line on stderr, no traceback).
+vector-file error (one line on stderr, no traceback); 3 partial: every vector that ran passed, but
+some could not be run because the port lacks a hyperparameter they need.
 """
 from __future__ import annotations
 
@@ -13,7 +14,7 @@ import warnings
 from . import registry
 from .conformance.targets import ConfigError
 
-EXIT_OK, EXIT_FAIL, EXIT_CONFIG = 0, 1, 2
+EXIT_OK, EXIT_FAIL, EXIT_CONFIG, EXIT_PARTIAL = 0, 1, 2, 3
 OPTIMIZERS, DTYPES, PROFILES = tuple(registry.OPTIMIZERS), registry.DTYPES, registry.PROFILES
 
 
@@ -47,6 +48,22 @@ def _positive_int(text):
     return value
 
 
+def _seconds(text):
+    try:
+        value = float(text)
+    except ValueError:
+        value = float("nan")
+    if not 0 < value < 1e6:
+        raise argparse.ArgumentTypeError(f"invalid time limit {text!r} (seconds, > 0)")
+    return value
+
+
+def _file(text):
+    if not text.strip():
+        raise argparse.ArgumentTypeError("needs a file name")
+    return text
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = _Parser(prog="refopt", description="SAVEUS/DOPE reference: conformance checks and golden vectors.")
     sub = p.add_subparsers(dest="command", required=True, parser_class=_Parser)
@@ -56,9 +73,23 @@ def build_parser() -> argparse.ArgumentParser:
                                    "(--port). Exit 0 all passed, 1 some failed, 2 usage/configuration/vector error.")
     c.add_argument("--port", action="append", default=[], metavar="KIND:MODULE:NAME",
                    help="a port to check instead of refopt itself: torch:MODULE:CLASS (a torch.optim.Optimizer), "
-                        "optax:MODULE:FACTORY (returns a GradientTransformation) or python:MODULE:FUNCTION "
-                        "(fn(optimizer, param, grad, state, hparams) -> (param, state)); repeatable")
+                        "optax:MODULE:FACTORY (returns a GradientTransformation), python:MODULE:FUNCTION "
+                        "(fn(optimizer, param, grad, state, hparams) -> (param, state)); MODULE may be "
+                        "path/to/file.py; or exec:COMMAND, a program in any language speaking the port "
+                        "protocol (conformance/PROTOCOL.md). Each runs in its own process; repeatable")
     c.add_argument("--hparam-map", metavar="OLD=NEW,...", help="rename reference hyperparameters for the port")
+    c.add_argument("--quirks", metavar="NAME=on|off,...",
+                   help="quirk overrides the port implements on top of its --profile (spec/quirks.md): it is "
+                        "checked against the vectors of that configuration, and a port that takes quirks= gets them")
+    c.add_argument("--in-place", action="store_true",
+                   help="a python port that updates param and state in place (as a torch optimizer does) "
+                        "instead of returning new arrays")
+    c.add_argument("--in-process", action="store_true",
+                   help="run a Python port in refopt's own process instead of a worker (to debug it with "
+                        "breakpoints; an exit, crash or hang of the port then ends the run)")
+    c.add_argument("--timeout", type=_seconds, default=None, metavar="SECONDS",
+                   help="time limit per vector for a port (default 60); a port over it is ended and the "
+                        "vector fails")
     c.add_argument("--optimizer", type=_csv(OPTIMIZERS), help="saveus, dope (comma list)")
     c.add_argument("--dtype", type=_csv(DTYPES), help="float16, bfloat16, float32, float64 (comma list)")
     c.add_argument("--profile", type=_csv(PROFILES),
@@ -70,8 +101,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="restrict refopt's own backends (numpy, array-api-strict, torch-cpu, torch-cuda, jax, "
                         "cupy); repeatable. Without it jax (jit-compiled, ~1 s per compilation) runs a sample "
                         "of the vectors; named here it runs all")
-    c.add_argument("--report", metavar="FILE.json", help="write a JSON report")
-    c.add_argument("--junit", metavar="FILE.xml", help="write JUnit XML (one testcase per vector x target)")
+    c.add_argument("--report", type=_file, metavar="FILE.json", help="write a JSON report")
+    c.add_argument("--junit", type=_file, metavar="FILE.xml",
+                   help="write JUnit XML (one testcase per vector x target)")
     c.add_argument("--self-test", action="store_true",
                    help="check that every known porting mistake (refopt.builders.mutants) is rejected")
     c.add_argument("--no-diagnose", action="store_true", help="skip the verdict search for failing vectors")
@@ -126,14 +158,34 @@ def _select(args):
 
 def _targets(args):
     from .conformance import backends, ports
+    from .conformance.process import DEFAULT_TIMEOUT
 
     hmap = ports.parse_hparam_map(args.hparam_map)
+    quirks = ports.parse_quirks(args.quirks)
     if args.port:
         if args.backend:
             raise ConfigError("--backend selects refopt's own backends; it cannot be combined with --port")
-        return [ports.make_port(spec, hmap, args.optimizer) for spec in args.port]
-    if args.hparam_map:
-        raise ConfigError("--hparam-map needs --port")
+        if args.profile and len(args.profile) > 1:
+            raise ConfigError("a port implements one profile: give one --profile with --port")
+        profile = args.profile[0] if args.profile else "reference"
+        targets = []
+        try:
+            for spec in args.port:
+                targets.append(ports.make_port(
+                    spec, hmap, args.optimizer, profile=profile, quirks=quirks,
+                    configured=bool(args.profile or args.quirks), in_place=args.in_place,
+                    timeout=args.timeout or DEFAULT_TIMEOUT, isolated=not args.in_process))
+        except BaseException:
+            for t in targets:
+                t.close()
+            raise
+        return targets
+    for option in ("hparam_map", "quirks", "timeout"):
+        if getattr(args, option):
+            raise ConfigError(f"--{option.replace('_', '-')} needs --port")
+    for flag in ("in_place", "in_process"):
+        if getattr(args, flag):
+            raise ConfigError(f"--{flag.replace('_', '-')} needs --port")
     avail = backends.available_backends()
     names = args.backend or list(avail)
     unknown = [n for n in names if n not in avail]
@@ -160,25 +212,37 @@ def check(args) -> int:
     if args.self_test:
         return _self_test(args, vecs, t0)
     targets = _targets(args)
-    if args.port and args.profile and len(args.profile) > 1:
-        raise ConfigError("a port implements one profile: give one --profile with --port")
-    port_profile = args.profile[0] if args.profile else "reference"
-    pairs = runner.plan(vecs, targets, port_profile)
-    if not pairs:
-        raise ConfigError(f"no vector selected for the port: none of profile {port_profile!r} for the "
-                          f"optimizer it implements (see --profile, --optimizer)")
-    results = runner.run(pairs, progress=report.Progress())
-    extra = _port_args(args)
-    failed = [r for r in results if r.status == "failed"]
-    for i, r in enumerate(failed):
-        # the verdict search re-runs the vector ~30 times: bounded so a broken port stays quick
-        r.diagnosis = diagnose.diagnose(r, extra, search=not args.no_diagnose and i < 50)
-    elapsed = time.perf_counter() - t0
-    _print_results(args, results, elapsed)
-    _write_reports(args, results, elapsed)
+    try:
+        pairs = runner.plan(vecs, targets)
+        if not pairs:
+            raise ConfigError("no vector selected for the port: none of the configuration it implements "
+                              "(--profile, --quirks) for the optimizer it implements (--optimizer)")
+        results = []
+        try:
+            results = runner.run(pairs, progress=report.Progress())
+            extra = _port_args(args)
+            failed = [r for r in results if r.status == "failed"]
+            for i, r in enumerate(failed):
+                # the verdict search re-runs the vector ~30 times: bounded so a broken port stays quick
+                r.diagnosis = diagnose.diagnose(r, extra, search=not args.no_diagnose and i < 50)
+        finally:  # the reports and the summary are written whatever happened
+            elapsed = time.perf_counter() - t0
+            try:
+                _write_reports(args, results, elapsed)
+            finally:
+                _print_results(args, results, elapsed)
+    finally:
+        for t in targets:
+            if hasattr(t, "close"):
+                t.close()
     if all(r.status == "skipped" for r in results):
+        if any(r.unsupported for r in results):
+            raise ConfigError("every selected vector needs a hyperparameter the port does not take: "
+                              + report.partial_line(results))
         raise ConfigError("every selected vector was skipped; nothing was checked")
-    return EXIT_FAIL if failed else EXIT_OK
+    if any(r.status == "failed" for r in results):
+        return EXIT_FAIL
+    return EXIT_PARTIAL if any(r.unsupported for r in results) else EXIT_OK
 
 
 def _fuzz(args, t0) -> int:
@@ -188,20 +252,21 @@ def _fuzz(args, t0) -> int:
 
     if args.self_test or args.ids or args.vectors:
         raise ConfigError("--fuzz draws its own cases: it cannot be combined with --self-test, --ids or --vectors")
-    if args.port and args.profile and len(args.profile) > 1:
-        raise ConfigError("a port implements one profile: give one --profile with --port")
     targets = _targets(args)
     out = pathlib.Path(args.fuzz_out)
-    outcome = fuzz.run(targets, examples=args.fuzz, seed=args.seed, seconds=args.fuzz_time, optimizers=args.optimizer,
-                       dtypes=args.dtype, profile=args.profile[0] if args.profile else "reference", out=out,
-                       progress=report.Progress())
-    failed = [r for r in outcome.results if r.status == "failed"]
-    replay = (*(("--hparam-map", args.hparam_map) if args.hparam_map else ()), "--vectors", str(out),
-              *(("--profile", args.profile[0]) if args.profile else ()))
-    for r in failed:
-        r.diagnosis = diagnose.diagnose(r, replay, search=not args.no_diagnose)
-        if not args.quiet:
-            print("FAILED " + r.diagnosis.text(), file=sys.stdout)
+    try:
+        outcome = fuzz.run(targets, examples=args.fuzz, seed=args.seed, seconds=args.fuzz_time,
+                           optimizers=args.optimizer, dtypes=args.dtype, out=out, progress=report.Progress())
+        failed = [r for r in outcome.results if r.status == "failed"]
+        replay = (*_port_args(args), "--vectors", str(out))
+        for r in failed:
+            r.diagnosis = diagnose.diagnose(r, replay, search=not args.no_diagnose)
+            if not args.quiet:
+                print("FAILED " + r.diagnosis.text(), file=sys.stdout)
+    finally:
+        for t in targets:
+            if hasattr(t, "close"):
+                t.close()
     elapsed = time.perf_counter() - t0
     stop = " (time limit reached)" if outcome.stopped_by_time else ""
     verdict = f"a failure, shrunk and written to {outcome.path}" if failed else "no failure"
@@ -213,8 +278,14 @@ def _fuzz(args, t0) -> int:
 
 def _port_args(args) -> tuple:
     out = []
+    if args.optimizer and args.port:
+        out += ["--optimizer", ",".join(args.optimizer)]
     if args.hparam_map:
         out += ["--hparam-map", args.hparam_map]
+    if args.quirks:
+        out += ["--quirks", args.quirks]
+    if args.in_place:
+        out += ["--in-place"]
     if args.vectors:
         out += ["--vectors", args.vectors]
     if args.profile:
@@ -230,16 +301,28 @@ def _print_results(args, results, elapsed):
         for r in results:
             line = f"{r.status.upper():7s} {r.target.name}  {r.vector.id} {r.vector.name}"
             print(line + (f"  ({r.message})" if r.message and r.status != "failed" else ""), file=out)
-    failed = [r for r in results if r.status == "failed"]
+    groups = report.failure_groups(results)
     if not args.quiet:
-        for r in failed[: None if args.verbose else 10]:
-            print("FAILED " + (r.diagnosis.text() if r.diagnosis else f"{r.vector.id}: {r.message}"), file=out)
-        if len(failed) > 10 and not args.verbose:
-            print(f"... and {len(failed) - 10} more failing cases (-v lists all)", file=out)
+        for cause, rs in groups[: None if args.verbose else 10]:
+            first = rs[0]
+            print("FAILED " + (first.diagnosis.text() if first.diagnosis else f"{first.vector.id}: {first.message}"),
+                  file=out)
+            if len(rs) > 1:
+                ids = [r.vector.id for r in rs[1:]]
+                shown = ids if args.verbose else ids[:6]
+                more = f", ... ({len(ids) - len(shown)} more; -v lists all)" if len(shown) < len(ids) else ""
+                print(f"  the same cause in {len(ids)} more vector(s): {', '.join(shown)}{more}", file=out)
+        if len(groups) > 10 and not args.verbose:
+            rest = sum(len(rs) for _, rs in groups[10:])
+            print(f"... and {len(groups) - 10} more causes of failure in {rest} vector(s) (-v lists all)", file=out)
+        for target, note, n in report.note_groups(results):
+            print(f"NOTE {target}: {note} ({n} vector{'s' if n != 1 else ''})", file=out)
         print(report.summary_table(results, elapsed), file=out)
     else:
         n = {s: sum(r.status == s for r in results) for s in report.STATUSES}
         print(f"{n['passed']} passed, {n['failed']} failed, {n['skipped']} skipped in {elapsed:.1f} s", file=out)
+    if any(r.unsupported for r in results):
+        print(f"PARTIAL: {report.partial_line(results)}; those vectors were not run", file=out)
 
 
 def _write_reports(args, results, elapsed, extra=None):

@@ -18,6 +18,7 @@ from ..builders import mutants
 from ..quirks import Quirks
 from ..registry import PROFILES, QUIRKS
 from . import backends
+from .narrow import narrow
 from .runner import RELEVANT_QUIRKS, judge_outputs
 
 
@@ -38,17 +39,23 @@ class Diagnosis:
     reproduce: str
     verdict: str
     matches: list  # labels of the variants the port's output matches
+    faults: tuple = ()  # what failed it besides the numbers (an input modified, a missing entry)
+    narrowed: str = ""  # the earliest differing clause, when no variant matches
+    notes: tuple = ()
 
     def text(self) -> str:
         lines = [f"{self.vector_id} on {self.target}"]
+        lines += [f"  fault: {f}" for f in self.faults]
         fb = self.first_bad
         if fb:
-            where = f"{fb['what']}{fb['index']}" if fb["index"] is not None else fb["what"]
+            where = "step count" if fb["what"] == "step" else \
+                f"{fb['what']}{fb['index']}" if fb["index"] is not None else fb["what"]
             lines.append(f"  first divergence: step {fb['step']}, {where}: expected {fb['expected']!r}, "
                          f"got {fb['actual']!r}")
             lines.append(f"  {fb['reason']}")
         lines.append(f"  clauses: {', '.join(self.clauses) or '-'}; flags: {', '.join(self.flags) or '-'}")
         lines.append(f"  verdict: {self.verdict}")
+        lines += [f"  note: {n}" for n in self.notes]
         lines.append(f"  reproduce: {self.reproduce}")
         return "\n".join(lines)
 
@@ -91,9 +98,10 @@ def _score(vector, variant_outputs, port_outputs) -> tuple[bool, float]:
     return status == "passed", worst
 
 
-def verdict_for(vector, port_outputs) -> tuple[str, list]:
+def verdict_for(vector, port_outputs, first_bad=None) -> tuple[str, list, str]:
+    """(verdict, labels of the matching variants, the earliest differing clause when none matches)."""
     if not port_outputs:
-        return "the port produced no output to compare (see the message above)", []
+        return "the port produced no output to compare (see the message above)", [], ""
     core = backends.CoreTarget(backends.numpy_backend())
     scored = []
     for var in variants(vector):
@@ -106,9 +114,15 @@ def verdict_for(vector, port_outputs) -> tuple[str, list]:
     matches = [label for bad, _, label in sorted(scored) if not bad]
     if matches:
         extra = f" (also consistent with: {'; '.join(matches[1:3])})" if len(matches) > 1 else ""
-        return f"this port matches {matches[0]}{extra}", matches
+        return f"this port matches {matches[0]}{extra}", matches, ""
+    try:
+        narrowed = narrow(vector, port_outputs, first_bad)
+    except Exception:  # noqa: BLE001 - a port's outputs the core cannot start from tell nothing more
+        narrowed = ""
+    if narrowed:
+        return f"no single known deviation explains it; {narrowed}", [], narrowed
     clauses = ", ".join(vector.clauses) or "the clauses listed above"
-    return f"no single known deviation explains it; check clauses {clauses} at the first divergence", []
+    return f"no single known deviation explains it; check clauses {clauses} at the first divergence", [], ""
 
 
 def reproduce(vector, target, argv_extra: tuple = ()) -> str:
@@ -121,11 +135,18 @@ def reproduce(vector, target, argv_extra: tuple = ()) -> str:
 
 def diagnose(result, argv_extra: tuple = (), search: bool = True) -> Diagnosis:
     v, t = result.vector, result.target
-    if search:
-        verdict, matches = verdict_for(v, result.outputs)
+    narrowed = ""
+    faults = tuple(getattr(result, "faults", ()))
+    if faults and result.first_bad is None:
+        verdict, matches = "its numbers are within tolerance; it fails for the fault above", []
+    elif result.first_bad is None and result.message:
+        steps = len(result.outputs)
+        verdict, matches = (f"the port failed after {steps} correct step(s): {result.message}" if steps else
+                            f"the port failed before producing output: {result.message}"), []
+    elif search:
+        verdict, matches, narrowed = verdict_for(v, result.outputs, result.first_bad)
     else:
         verdict, matches = "not searched", []
-    if not result.outputs and result.message:
-        verdict = f"the port failed before producing output: {result.message}"
     return Diagnosis(v.id, t.name, result.first_bad, tuple(v.clauses), tuple(v.flags),
-                     reproduce(v, t, argv_extra), verdict, matches)
+                     reproduce(v, t, argv_extra), verdict, matches, faults, narrowed,
+                     tuple(getattr(result, "notes", ())))

@@ -86,20 +86,25 @@ def decode(obj, where: str = "tensor", version: int = 1) -> np.ndarray:
     form = tensor_form(obj, version, where)
     if form == "counter":
         raise ValueError(f"{where}: a generated tensor has no stored bytes")
+    if not isinstance(obj["dtype"], str):
+        raise ValueError(f"{where}: dtype must be a string")
     dt = np_dtype(obj["dtype"])
+    if not isinstance(obj["shape"], list):
+        raise ValueError(f"{where}: shape must be a list of non-negative integers, got {obj['shape']!r}")
     shape = tuple(obj["shape"])
-    if not all(isinstance(d, int) and d >= 0 for d in shape):
+    if not all(isinstance(d, int) and not isinstance(d, bool) and d >= 0 for d in shape):
         raise ValueError(f"{where}: shape must be non-negative integers, got {obj['shape']!r}")
     try:
         raw = base64.b64decode(obj[form], validate=True)
     except (binascii.Error, TypeError) as exc:
         raise ValueError(f"{where}: bad base64 ({exc})") from None
+    n = math.prod(shape)
     if form == "zlib_b64":
-        try:
-            raw = zlib.decompress(raw)
+        try:  # never inflate more than the shape needs (a hostile stream can expand 1000-fold)
+            inflater = zlib.decompressobj()
+            raw = inflater.decompress(raw, n * dt.itemsize + 1)
         except zlib.error as exc:
             raise ValueError(f"{where}: bad zlib stream ({exc})") from None
-    n = math.prod(shape)
     if len(raw) != n * dt.itemsize:
         raise ValueError(f"{where}: {len(raw)} bytes for shape {list(shape)} of {obj['dtype']} "
                          f"(expected {n * dt.itemsize})")

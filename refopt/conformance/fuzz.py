@@ -24,6 +24,7 @@ from .. import registry
 from ..builders import catalog, generate
 from . import runner, vectors
 from .encoding import np_dtype
+from .targets import ConfigError
 from .tolerance import finfo
 
 #: Edge values of each hyperparameter, drawn besides its default (listed first, so a shrunk case
@@ -71,7 +72,7 @@ class FuzzOutcome:
     stopped_by_time: bool
 
 
-def _strategies(optimizers, dtypes, profile, configurable):
+def _strategies(optimizers, dtypes, config):
     from hypothesis import strategies as st
 
     def hparam(opt, h):
@@ -108,7 +109,8 @@ def _strategies(optimizers, dtypes, profile, configurable):
         warm = draw(st.sampled_from([0, 0, 1, 3]))
         return dict(
             optimizer=opt, dtype=draw(st.sampled_from(dtypes)), shape=draw(shapes()), hparams=hp,
-            profile=profile, quirks={q: draw(st.booleans()) for q in facts.quirks} if configurable else {},
+            profile="reference",
+            quirks={q: (draw(st.booleans()) if config is None else config[q]) for q in facts.quirks},
             steps=draw(st.integers(1, 4)), warm=warm,
             start_step=draw(st.sampled_from([0, *STARTS])) if warm else 0,
             family=draw(st.sampled_from(FAMILIES)), scale=draw(st.integers(-6, 3)),
@@ -161,9 +163,9 @@ def build(draw: dict):
 
 
 def run(targets, *, examples: int, seed: int = 0, seconds: float | None = None, optimizers=None, dtypes=None,
-        profile: str = "reference", out: pathlib.Path | None = None,
-        progress: Callable[[int, int, str], None] | None = None) -> FuzzOutcome:
-    """Fuzz ``targets`` with ``examples`` cases (fewer when ``seconds`` run out first)."""
+        out: pathlib.Path | None = None, progress: Callable[[int, int, str], None] | None = None) -> FuzzOutcome:
+    """Fuzz ``targets`` with ``examples`` cases (fewer when ``seconds`` run out first). The quirks
+    are drawn too, unless a target implements one configuration (a port's ``config``)."""
     from hypothesis import HealthCheck, Phase, Verbosity, given, settings
     from hypothesis import seed as hypothesis_seed
 
@@ -172,14 +174,18 @@ def run(targets, *, examples: int, seed: int = 0, seconds: float | None = None, 
         if getattr(t, "optimizers", None):
             optimizers = tuple(o for o in optimizers if o in t.optimizers)
     dtypes = tuple(dtypes or registry.DTYPES)
-    configurable = all(t.kind == "core" for t in targets)
+    configs = [t.config for t in targets if getattr(t, "config", None) is not None]
+    if any(c != configs[0] for c in configs):
+        raise ConfigError("ports that implement different configurations cannot be fuzzed together")
+    if not optimizers:
+        raise ConfigError("the targets implement no common optimizer to fuzz")
     t0 = time.perf_counter()
     state = {"count": 0, "failure": None, "timed_out": False}
 
     @hypothesis_seed(seed)
     @settings(max_examples=examples, deadline=None, database=None, print_blob=False, verbosity=Verbosity.quiet,
               phases=(Phase.generate, Phase.shrink), suppress_health_check=list(HealthCheck))
-    @given(_strategies(optimizers, dtypes, profile, configurable))
+    @given(_strategies(optimizers, dtypes, configs[0] if configs else None))
     def check(draw):
         if state["failure"] is None and seconds is not None and time.perf_counter() - t0 > seconds:
             state["timed_out"] = True

@@ -1,43 +1,35 @@
-"""The kinds of port `refopt check --port` checks: a ``torch.optim.Optimizer`` class, an optax
-factory, or a Python function on NumPy arrays (conformance/PORTING.md). refopt's own backends are
-in ``backends.py``."""
+"""The ports `refopt check --port` checks, and what the runner does for every one of them.
+
+A port is a program speaking the port protocol (conformance/PROTOCOL.md): ``exec:COMMAND`` in any
+language, or a Python port (``torch:``, ``optax:``, ``python:`` KIND:MODULE:NAME, or
+KIND:path/to/file.py:NAME) served by refopt's worker (``worker.py``) in its own process. A port
+object handed over in Python (the pytest helpers, the self-test's mutants) runs in this process
+through the same adapters.
+
+``PortTarget`` is the runner's side for all of them: it turns a vector into the case the port
+gets (hyperparameters renamed by ``--hparam-map``, those the port does not take left out where the
+vector uses their default, the vector not run where it does not), selects the vectors of the
+configuration the port implements, and checks what comes back (``targets.checked_output``).
+"""
 from __future__ import annotations
 
-import importlib
-import inspect
-from typing import Any, Callable
-
-import numpy as np
+import os
+import shlex
+import sys
 
 from .. import registry
-from .backends import torch_backend
-from .encoding import np_dtype
-from .targets import STATE_NAMES, ConfigError, PortFailure, SkipVector, call_port, checked_output
+from ..quirks import Quirks
+from . import adapters, protocol
+from .encoding import np_dtype  # noqa: F401 - re-exported for tests and port authors
+from .process import DEFAULT_TIMEOUT, PortProcess
+from .protocol import Case
+from .targets import STATE_NAMES, ConfigError, PortFailure, checked_output
+from .vectors import hparams_to_json
 
-
-def load_object(spec: str, kind: str):
-    """``MODULE:NAME`` -> the object; ConfigError naming what is missing."""
-    mod_name, sep, attr = spec.partition(":")
-    if not sep or not mod_name or not attr or ":" in attr:
-        raise ConfigError(f"--port {kind}:{spec}: expected {kind}:MODULE:NAME")
-    try:
-        module = importlib.import_module(mod_name)
-    except ImportError as exc:
-        raise ConfigError(f"--port {kind}:{spec}: cannot import module {mod_name!r} ({exc})") from None
-    except Exception as exc:  # noqa: BLE001 - a module that fails while importing
-        raise ConfigError(f"--port {kind}:{spec}: importing {mod_name!r} raised "
-                          f"{type(exc).__name__}: {exc}") from None
-    obj = module
-    for part in attr.split("."):
-        if not hasattr(obj, part):
-            raise ConfigError(f"--port {kind}:{spec}: module {mod_name!r} has no attribute {attr!r}")
-        obj = getattr(obj, part)
-    return obj
-
-
-def rename(hparams: dict, mapping: dict[str, str]) -> dict:
-    """Reference names -> the port's names (``--hparam-map lr=learning_rate``)."""
-    return {mapping.get(k, k): v for k, v in hparams.items()}
+KINDS = ("exec", *adapters.KINDS)
+#: The reference's defaults in the vectors' JSON form, to tell which vectors a port can run.
+DEFAULTS_JSON = {key: hparams_to_json(key, facts.defaults) for key, facts in registry.OPTIMIZERS.items()}
+RELEVANT_QUIRKS = {key: facts.quirks for key, facts in registry.OPTIMIZERS.items()}
 
 
 def parse_hparam_map(text: str | None) -> dict[str, str]:
@@ -49,222 +41,189 @@ def parse_hparam_map(text: str | None) -> dict[str, str]:
         if not sep or not old.strip() or not new.strip():
             raise ConfigError(f"--hparam-map {text!r}: expected OLD=NEW[,OLD=NEW...]")
         out[old.strip()] = new.strip()
+    known = {h.name for facts in registry.OPTIMIZERS.values() for h in facts.hparams}
+    unknown = sorted(set(out) - known)
+    if unknown:
+        raise ConfigError(f"--hparam-map: {unknown[0]!r} is not a reference hyperparameter "
+                          f"(known: {', '.join(sorted(known))})")
     return out
 
 
-def _fresh_or_given(vector):
-    """S0/D0: a fresh state is step 0 with zero buffers."""
-    if vector.state0 is not None:
-        return dict(vector.state0)
-    zeros = {k: np.zeros(vector.shape, np_dtype(vector.dtype)) for k in STATE_NAMES[vector.optimizer]}
-    return dict(zeros, step=0)
+def parse_quirks(text: str | None) -> dict[str, bool]:
+    """``--quirks aliased_lerp=off,float32_scalars=on`` -> {name: bool}."""
+    if not text:
+        return {}
+    values = {"on": True, "true": True, "1": True, "off": False, "false": False, "0": False}
+    out = {}
+    for item in text.split(","):
+        name, sep, value = (x.strip() for x in item.partition("="))
+        if name not in registry.QUIRKS or not sep or value.lower() not in values:
+            raise ConfigError(f"--quirks {text!r}: expected NAME=on|off[,...] with NAME one of "
+                              f"{', '.join(registry.QUIRK_NAMES)}")
+        out[name] = values[value.lower()]
+    return out
 
 
-class PythonPort:
-    """``FUNCTION(optimizer, param, grad, state, hparams) -> (new_param, new_state)`` on NumPy."""
+def configuration(profile: str = "reference", quirks: dict | None = None) -> dict:
+    """Every quirk's setting for a profile with overrides."""
+    return dict(Quirks.for_profile(profile).as_dict(), **(quirks or {}))
 
-    kind = "python"
 
-    def __init__(self, spec: str, fn: Callable | None = None, hparam_map: dict | None = None):
-        self.spec = f"python:{spec}"
-        self.name = self.spec
-        self.fn = fn if fn is not None else load_object(spec, "python")
-        if not callable(self.fn):
-            raise ConfigError(f"--port {self.spec}: {spec.split(':')[-1]!r} is not callable")
-        self.hparam_map = hparam_map or {}
+def config_matches(vector, config: dict) -> bool:
+    """True when the vector's quirks, on those its optimizer reads, are ``config``'s."""
+    return all(bool(vector.quirks.get(q, config[q])) == config[q] for q in RELEVANT_QUIRKS[vector.optimizer])
+
+
+class InProcess:
+    """An adapter in this process, behind the same interface as ``PortProcess``."""
+
+    def __init__(self, adapter):
+        self.adapter = adapter
+
+    def hello(self) -> protocol.Hello:
+        return protocol.read_hello(protocol.hello_message(**self.adapter.hello()))
+
+    def run(self, case: Case):
+        yield from self.adapter.run(case)
+
+    def close(self) -> None:
+        pass
+
+
+class PortTarget:
+    """A port as `refopt check` runs it (see the module docstring)."""
+
+    def __init__(self, spec: str, transport, *, hparam_map: dict | None = None, optimizers=None,
+                 profile: str = "reference", quirks: dict | None = None, configured: bool = False):
+        self.spec = self.name = spec
+        self.kind = spec.partition(":")[0] if spec.partition(":")[0] in KINDS else "python"
+        self.transport = transport
+        hello = transport.hello()
+        self.optimizers = tuple(optimizers) if optimizers else hello.optimizers
+        self.accepts = hello.hparams  # optimizer -> names the port takes (None: any)
+        #: the configuration it implements; None: it applies each vector's own (configurable)
+        self.config = None if hello.configurable and not configured else configuration(profile, quirks)
+        self.hparam_map = {o: self._map(o, hparam_map or {}) for o in STATE_NAMES}
+
+    def _map(self, optimizer: str, user: dict) -> dict:
+        """Reference name -> the port's: ``--hparam-map``, and ``lr`` -> ``learning_rate`` for a
+        port that takes only the latter (optax's name)."""
+        out = dict(user)
+        takes = (self.accepts or {}).get(optimizer)
+        if takes is not None and "lr" not in out and "lr" not in takes and "learning_rate" in takes:
+            out["lr"] = "learning_rate"
+        return out
+
+    def selects(self, vector) -> bool:
+        if self.optimizers and vector.optimizer not in self.optimizers:
+            return False
+        return self.config is None or config_matches(vector, self.config)
 
     def skip_reason(self, vector) -> str | None:
         return None
 
-    def run(self, vector) -> list[Output]:
-        h = rename(vector.optimizer_hparams(), self.hparam_map)
-        p, state = np.array(vector.param0), _fresh_or_given(vector)
-        out = []
-        for k, s in enumerate(vector.steps):
-            res = call_port(self.name, self.fn, vector.optimizer, p.copy(), np.array(s.grad), dict(state), dict(h))
-            if not (isinstance(res, tuple) and len(res) == 2 and hasattr(res[1], "keys")):
-                raise PortFailure(f"step {k + 1}: {self.name} must return (new_param, new_state dict), "
-                                  f"got {type(res).__name__}")
-            o = checked_output(vector, k, res[0], {n: res[1][n] for n in res[1].keys() if n != "step"},
-                               where=self.name, count=res[1].get("step"))
-            p, state = o.param, dict(o.state, step=res[1].get("step", state.get("step", 0)))
-            out.append(o)
-        return out
+    def unsupported(self, vector) -> list[tuple[str, str]]:
+        """(reference name, port name) of each hyperparameter the port does not take and the
+        vector sets to something other than the reference default."""
+        takes = (self.accepts or {}).get(vector.optimizer)
+        if takes is None:
+            return []
+        mapping, default = self.hparam_map[vector.optimizer], DEFAULTS_JSON[vector.optimizer]
+        return [(k, mapping.get(k, k)) for k, v in vector.hparams.items()
+                if mapping.get(k, k) not in takes and v != default.get(k)]
 
+    def case(self, vector) -> Case:
+        takes = (self.accepts or {}).get(vector.optimizer)
+        mapping = self.hparam_map[vector.optimizer]
+        hparams = {mapping.get(k, k): v for k, v in vector.hparams.items()}
+        if takes is not None:
+            hparams = {k: v for k, v in hparams.items() if k in takes}
+        state = None if vector.state0 is None else {k: (v if k == "step" else v.copy())
+                                                    for k, v in vector.state0.items()}
+        return Case(vector.id, vector.optimizer, vector.profile, dict(vector.quirks), hparams, vector.dtype,
+                    tuple(vector.shape), vector.param0.copy(), state, [s.grad.copy() for s in vector.steps])
 
-class TorchPort:
-    """A ``torch.optim.Optimizer`` subclass built as ``CLASS([param], **hyperparameters)``."""
-
-    kind = "torch"
-
-    def __init__(self, spec: str, cls=None, hparam_map: dict | None = None):
-        self.spec = f"torch:{spec}"
-        self.name = self.spec
+    def run(self, vector) -> list:
+        outputs = []
         try:
-            import torch
-        except ImportError:
-            raise ConfigError(f"--port {self.spec}: torch is not installed") from None
-        self.torch = torch
-        self.cls = cls if cls is not None else load_object(spec, "torch")
-        if not (isinstance(self.cls, type) and issubclass(self.cls, torch.optim.Optimizer)):
-            raise ConfigError(f"--port {self.spec}: {self.cls!r} is not a torch.optim.Optimizer subclass")
-        self.hparam_map = hparam_map or {}
-        self.backend = torch_backend("cpu")
+            for k, result in enumerate(self.transport.run(self.case(vector))):
+                outputs.append(checked_output(vector, k, result, where=self.name))
+        except PortFailure as exc:
+            exc.outputs = outputs
+            raise
+        return outputs
 
-    def skip_reason(self, vector) -> str | None:
-        return None
-
-    def run(self, vector) -> list[Output]:
-        torch, b = self.torch, self.backend
-        h = rename(vector.optimizer_hparams(), self.hparam_map)
-        p = torch.nn.Parameter(b.to(np.array(vector.param0)))
-        opt = call_port(self.name, self.cls, [p], **h)
-        if vector.state0 is not None:
-            self._restore(opt, p, vector)
-        out = []
-        for k, s in enumerate(vector.steps):
-            p.grad = b.to(np.array(s.grad))  # a fresh tensor: many ports modify p.grad in place
-            call_port(self.name, opt.step)
-            st = opt.state.get(p, {})
-            names = [n for n in STATE_NAMES[vector.optimizer] if torch.is_tensor(st.get(n))]
-            out.append(checked_output(vector, k, _np(p, b), {n: _np(st[n], b) for n in names},
-                                      where=self.name, count=st.get("step")))
-        return out
-
-    def _restore(self, opt, p, vector):
-        """A throwaway zero-gradient step lets the port create its own state (some keep extra
-        entries); then p and the named entries are overwritten, 'step' keeping the port's type."""
-        torch, b = self.torch, self.backend
-        p.grad = torch.zeros_like(p)
-        call_port(self.name, opt.step)
-        with torch.no_grad():
-            p.copy_(b.to(np.array(vector.param0)))
-        st = opt.state[p]
-        for name, value in vector.state0.items():
-            if name == "step":
-                old = st.get("step")
-                st["step"] = (torch.tensor(float(value), dtype=old.dtype, device=old.device)
-                              if torch.is_tensor(old) else type(old or 0)(value))
-            else:
-                st[name] = b.to(np.array(value))
-        p.grad = None
+    def close(self) -> None:
+        self.transport.close()
 
 
-def _np(x, b):
-    try:
-        return b.back(x)
-    except Exception as exc:  # noqa: BLE001
-        raise PortFailure(f"cannot read a tensor back: {exc}") from None
+def worker_command(text: str, *, in_place: bool = False, optimizers=None) -> list:
+    argv = [sys.executable, "-m", "refopt.conformance.worker", text]
+    if in_place:
+        argv.append("--in-place")
+    if optimizers:
+        argv += ["--optimizer", ",".join(optimizers)]
+    return argv
 
 
-class OptaxPort:
-    """An optax ``GradientTransformation`` from ``FACTORY(**hyperparameters)``.
-
-    The factory gets the reference's names after ``--hparam-map``; when it takes ``learning_rate``
-    and no ``lr``, ``lr`` is passed as ``learning_rate``. Vectors that start from a given state need
-    a state pytree holding a NamedTuple with the reference's buffer names (and ``step`` or
-    ``count``); otherwise they are skipped with that reason."""
-
-    kind = "optax"
-
-    def __init__(self, spec: str, factory=None, hparam_map: dict | None = None):
-        self.spec = f"optax:{spec}"
-        self.name = self.spec
-        try:
-            import jax
-
-            jax.config.update("jax_enable_x64", True)
-            import optax  # noqa: F401
-        except ImportError:
-            raise ConfigError(f"--port {self.spec}: jax and optax are not installed") from None
-        self.factory = factory if factory is not None else load_object(spec, "optax")
-        if not callable(self.factory):
-            raise ConfigError(f"--port {self.spec}: {spec.split(':')[-1]!r} is not callable")
-        self.hparam_map = dict(hparam_map or {})
-        try:
-            params = inspect.signature(self.factory).parameters
-            if "learning_rate" in params and "lr" not in params and "lr" not in self.hparam_map:
-                self.hparam_map["lr"] = "learning_rate"
-        except (TypeError, ValueError):
-            pass
-
-    def skip_reason(self, vector) -> str | None:
-        return None
-
-    def run(self, vector) -> list[Output]:
-        import jax.numpy as jnp
-        import optax
-
-        tx = call_port(self.name, self.factory, **rename(vector.optimizer_hparams(), self.hparam_map))
-        if not (hasattr(tx, "init") and hasattr(tx, "update")):
-            raise PortFailure(f"{self.name} did not return an optax GradientTransformation (got {type(tx).__name__})")
-        p = jnp.asarray(vector.param0)
-        state = call_port(self.name, tx.init, p)
-        if vector.state0 is not None:
-            state = inject_state(state, vector.state0, jnp.asarray)
-            if state is None:
-                raise SkipVector("its optax state exposes none of the reference's state names, so a given "
-                            "state cannot be injected")
-        out = []
-        for k, s in enumerate(vector.steps):
-            updates, state = call_port(self.name, tx.update, jnp.asarray(s.grad), state, p)
-            p = call_port(self.name, optax.apply_updates, p, updates)
-            found = find_named(state, STATE_NAMES[vector.optimizer])
-            named = {n: np.asarray(getattr(found, n)) for n in STATE_NAMES[vector.optimizer]} if found else {}
-            count = next((getattr(found, c) for c in ("step", "count") if found and c in found._fields), None)
-            out.append(checked_output(vector, k, np.asarray(p), named, where=self.name, count=count))
-        return out
+def worker_env() -> dict:
+    """The runner's environment, with the current folder and the runner's own import path first,
+    so a worker imports a port exactly as the runner would."""
+    paths = [os.getcwd()] + [p for p in sys.path if p and os.path.isdir(p)]
+    old = os.environ.get("PYTHONPATH")
+    return dict(os.environ, PYTHONPATH=os.pathsep.join(dict.fromkeys(paths + ([old] if old else []))))
 
 
-def find_named(tree, names) -> Any:
-    """The first NamedTuple in an optax state holding every name in ``names``."""
-    if hasattr(tree, "_fields") and all(n in tree._fields for n in names):
-        return tree
-    if isinstance(tree, (tuple, list)):
-        for item in tree:
-            found = find_named(item, names)
-            if found is not None:
-                return found
-    return None
+def make_port(text: str, hparam_map: dict | None = None, optimizers=None, *, profile: str = "reference",
+              quirks: dict | None = None, configured: bool = False, timeout: float = DEFAULT_TIMEOUT,
+              in_place: bool = False, isolated: bool = True) -> PortTarget:
+    """``exec:COMMAND`` or a Python port (``torch:``/``optax:``/``python:`` MODULE:NAME or
+    path/to/file.py:NAME; ``MODULE:NAME`` alone when the kind can be told) -> a started target.
 
-
-def inject_state(tree, state0: dict, to) -> Any:
-    """``tree`` with the NamedTuple holding the reference's names replaced by ``state0``."""
-    names = [k for k in state0 if k != "step"]
-    if hasattr(tree, "_fields") and all(n in tree._fields for n in names):
-        fields = {n: to(np.asarray(state0[n])) for n in names}
-        for counter in ("step", "count"):
-            if counter in tree._fields:
-                old = getattr(tree, counter)
-                fields[counter] = to(np.asarray(int(state0["step"]), dtype=np.asarray(old).dtype))
-        return tree._replace(**fields)
-    if isinstance(tree, (tuple, list)) and not hasattr(tree, "_fields"):
-        items = list(tree)
-        for i, item in enumerate(items):
-            new = inject_state(item, state0, to)
-            if new is not None:
-                items[i] = new
-                return type(tree)(items)
-    return None
-
-
-PORT_KINDS = {"python": PythonPort, "torch": TorchPort, "optax": OptaxPort}
-
-
-def make_port(text: str, hparam_map: dict | None = None, optimizers=None):
-    """``torch:MODULE:CLASS`` / ``optax:MODULE:FACTORY`` / ``python:MODULE:FUNCTION`` -> target.
-
-    A python port is told the optimizer on every call, so it takes the vectors of both. A torch
-    class or optax factory implements one: the one its name contains, else ``optimizers``."""
+    A python port is told the optimizer on every case, so it takes the vectors of both. A torch
+    class or optax factory implements one: the one its name contains, else ``optimizers``.
+    ``isolated=False`` runs a Python port in this process (to debug it: its exit is then ours)."""
     kind, sep, rest = text.partition(":")
-    if not sep or kind not in PORT_KINDS:
-        raise ConfigError(f"--port {text!r}: expected one of {', '.join(k + ':MODULE:NAME' for k in PORT_KINDS)}")
-    port = PORT_KINDS[kind](rest, hparam_map=hparam_map)
-    port.optimizers = tuple(optimizers) if optimizers else None
-    if kind != "python" and not optimizers:
-        named = [o for o in STATE_NAMES if o in rest.rpartition(":")[2].lower()]
-        if len(named) != 1:
-            raise ConfigError(f"--port {text}: cannot tell from its name whether it implements SAVEUS or "
-                              f"DOPE; add --optimizer saveus or --optimizer dope")
-        port.optimizers = tuple(named)
-    return port
+    options = dict(hparam_map=hparam_map, optimizers=optimizers, profile=profile, quirks=quirks,
+                   configured=configured)
+    if kind == "exec":
+        try:
+            argv = shlex.split(rest)
+        except ValueError as exc:
+            raise ConfigError(f"--port {text}: cannot split the command ({exc})") from None
+        if not argv:
+            raise ConfigError(f"--port {text!r}: expected exec:COMMAND")
+        return PortTarget(text, PortProcess(argv, text, timeout=timeout), **options)
+    if kind not in adapters.KINDS and (not sep or ":" not in text):
+        raise ConfigError(f"--port {text!r}: expected one of exec:COMMAND, "
+                          f"{', '.join(k + ':MODULE:NAME' for k in adapters.KINDS)} (or KIND:path/to/file.py:NAME)")
+    if kind in adapters.KINDS and ":" not in rest:
+        raise ConfigError(f"--port {text}: expected {kind}:MODULE:NAME or {kind}:path/to/file.py:NAME")
+    if not isolated:
+        adapter = adapters.make_adapter(text, in_place=in_place, optimizers=optimizers)
+        return PortTarget(text, InProcess(adapter), **options)
+    process = PortProcess(worker_command(text, in_place=in_place, optimizers=optimizers), text,
+                          timeout=timeout, env=worker_env(), worker=True)
+    return PortTarget(text, process, **options)
+
+
+def in_process(text: str, obj, *, kind: str = "python", hparam_map: dict | None = None, optimizers=None,
+               in_place: bool = False, profile: str = "reference", quirks: dict | None = None) -> PortTarget:
+    """A port object of this process (a step function, a torch class, an optax factory)."""
+    adapter = adapters.make_adapter(f"{kind}:{text}", obj, in_place=in_place, optimizers=optimizers)
+    return PortTarget(adapter.name, InProcess(adapter), hparam_map=hparam_map, profile=profile, quirks=quirks)
+
+
+def PythonPort(spec: str, fn=None, hparam_map: dict | None = None, **kw) -> PortTarget:  # noqa: N802
+    return in_process(spec, fn, kind="python", hparam_map=hparam_map, **kw) if fn is not None \
+        else make_port(f"python:{spec}", hparam_map, **kw)
+
+
+def TorchPort(spec: str, cls=None, hparam_map: dict | None = None, **kw) -> PortTarget:  # noqa: N802
+    return in_process(spec, cls, kind="torch", hparam_map=hparam_map, **kw) if cls is not None \
+        else make_port(f"torch:{spec}", hparam_map, **kw)
+
+
+def OptaxPort(spec: str, factory=None, hparam_map: dict | None = None, **kw) -> PortTarget:  # noqa: N802
+    return in_process(spec, factory, kind="optax", hparam_map=hparam_map, **kw) if factory is not None \
+        else make_port(f"optax:{spec}", hparam_map, **kw)

@@ -26,14 +26,22 @@ def conformance_cases(*, optimizer=None, dtype=None, profile: str = "reference",
     return [pytest.param(v, id=f"{v.id}-{v.dtype}") for v in vecs if profile_matches(v, profile)]
 
 
+_STARTED: dict = {}  # port text -> its target: one worker process per port for the whole session
+
+
 def _target(port, kind, hparam_map, optimizer):
     from . import ports
 
     if isinstance(port, str):
-        try:
-            return ports.make_port(port, hparam_map)
-        except ports.ConfigError:  # a name that does not say which optimizer: trust the caller
-            return ports.make_port(port, hparam_map, [optimizer])
+        key = (port, tuple(sorted((hparam_map or {}).items())), optimizer)
+        if key not in _STARTED:
+            try:
+                _STARTED[key] = ports.make_port(port, hparam_map)
+            except ports.ConfigError as exc:  # a name that does not say which optimizer: trust the caller
+                if "cannot tell" not in str(exc):
+                    raise
+                _STARTED[key] = ports.make_port(port, hparam_map, [optimizer])
+        return _STARTED[key]
     try:
         import torch
 
@@ -41,9 +49,9 @@ def _target(port, kind, hparam_map, optimizer):
             kind = "torch"
     except ImportError:
         pass
-    cls = ports.PORT_KINDS[kind or "python"]
     name = getattr(port, "__qualname__", type(port).__name__)
-    return cls(f"{getattr(port, '__module__', '?')}:{name}", port, hparam_map=hparam_map)
+    return ports.in_process(f"{getattr(port, '__module__', '?')}:{name}", port, kind=kind or "python",
+                            hparam_map=hparam_map, optimizers=None if kind in (None, "python") else [optimizer])
 
 
 def check_port(vector, port, *, kind: str | None = None, hparam_map: dict | None = None) -> None:
@@ -57,13 +65,15 @@ def check_port(vector, port, *, kind: str | None = None, hparam_map: dict | None
     from .runner import run_case
 
     target = _target(port, kind, hparam_map, vector.optimizer)
-    if getattr(target, "optimizers", None) and vector.optimizer not in target.optimizers:
+    if target.optimizers and vector.optimizer not in target.optimizers:
         pytest.skip(f"{target.name} implements {', '.join(target.optimizers)}, not {vector.optimizer}")
     result = run_case(vector, target)
     if result.status == "skipped":
         pytest.skip(result.message)
     if result.status == "failed":
-        pytest.fail(diagnose(result).text(), pytrace=False)
+        result.diagnosis = diagnose(result)
+    if result.status == "failed":
+        pytest.fail(result.diagnosis.text(), pytrace=False)
 
 
 # -- pytest hooks (inert unless a test asks for refopt_vector) ------------------------------------

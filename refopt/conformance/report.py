@@ -3,9 +3,10 @@ from __future__ import annotations
 
 import json
 import math
+import re
 import sys
 import xml.etree.ElementTree as ET
-from collections import defaultdict
+from collections import Counter, defaultdict
 
 import refopt
 
@@ -48,11 +49,65 @@ def summary_table(results, elapsed: float) -> str:
     return "\n".join(out)
 
 
+def cause(r) -> str:
+    """What made a case fail, in words shared by every vector that failed the same way."""
+    d = r.diagnosis
+    if r.faults:
+        text = r.faults[0]
+    elif d is not None and d.matches:
+        return f"matches {d.matches[0]}"
+    elif d is not None and getattr(d, "narrowed", ""):
+        return d.narrowed
+    else:
+        text = r.message
+    text = re.sub(r"^step \d+: ", "", text)
+    text = re.sub(r"; last line on its standard error: .*", "", text)
+    return re.sub(r"(?<![\w.])[-+]?\d[\d.eE+-]*", "#", text)  # numbers differ between vectors, not causes
+
+
+def failure_groups(results) -> list[tuple[str, list]]:
+    """(cause, failing results) per target and cause, in the order they first failed."""
+    groups: dict = {}
+    for r in results:
+        if r.status == "failed":
+            groups.setdefault((r.target.name, cause(r)), []).append(r)
+    return [(c, rs) for (_, c), rs in groups.items()]
+
+
+def partial_counts(results) -> dict:
+    """target -> {reference hyperparameter: number of vectors not run for want of it}."""
+    out: dict = defaultdict(Counter)
+    for r in results:
+        for name in r.unsupported:
+            out[r.target.name][name] += 1
+    return {t: dict(c) for t, c in out.items()}
+
+
+def partial_line(results) -> str:
+    parts = []
+    for target, counts in partial_counts(results).items():
+        need = ", ".join(f"{name!r} ({n} vector{'s' if n != 1 else ''})" for name, n in sorted(counts.items()))
+        parts.append(f"{target} takes no {need}")
+    return "; ".join(parts)
+
+
+def note_groups(results) -> list[tuple[str, str, int]]:
+    """(target, note, number of vectors) for every note, the same note counted once per vector."""
+    counts: Counter = Counter()
+    for r in results:
+        for n in {re.sub(r"^step \d+: ", "", n) for n in r.notes}:
+            counts[(r.target.name, n)] += 1
+    return [(t, n, c) for (t, n), c in counts.items()]
+
+
 def case_dict(r) -> dict:
     d = {"id": r.vector.id, "name": r.vector.name, "optimizer": r.vector.optimizer, "dtype": r.vector.dtype,
          "profile": r.vector.profile, "target": r.target.name, "status": r.status, "message": r.message,
          "worst_budget_units": r.worst_budget_units,
-         "bitwise_fraction": r.bitwise_fraction, "first_bad": r.first_bad, "seconds": round(r.seconds, 4)}
+         "bitwise_fraction": r.bitwise_fraction, "first_bad": r.first_bad, "seconds": round(r.seconds, 4),
+         "notes": list(r.notes), "faults": list(r.faults), "unsupported": list(r.unsupported)}
+    if r.status == "failed":
+        d["cause"] = cause(r)
     if r.diagnosis is not None:
         d["diagnosis"] = r.diagnosis.as_dict()
     return d
@@ -63,6 +118,9 @@ def json_report(results, elapsed: float, vectors_dir: str, extra: dict | None = 
     return {"tool": "refopt check", "refopt_version": refopt.__version__, "spec_version": refopt.SPEC_VERSION,
             "vectors": str(vectors_dir), "elapsed_s": round(elapsed, 3),
             "totals": {s: sum(r.status == s for r in results) for s in STATUSES},
+            "partial": partial_counts(results),
+            "failure_groups": [{"cause": c, "target": rs[0].target.name, "vectors": [r.vector.id for r in rs]}
+                               for c, rs in failure_groups(results)],
             "summary": rows, "cases": [case_dict(r) for r in results], **(extra or {})}
 
 
@@ -83,8 +141,19 @@ def write_json(path, report: dict) -> None:
         f.write("\n")
 
 
+#: Characters XML 1.0 does not allow (control characters, surrogates, U+FFFE/U+FFFF).
+_NOT_XML = re.compile("[\x00-\x08\x0b\x0c\x0e-\x1f\ud800-\udfff\ufffe\uffff]")
+
+
+def xml_text(text, limit: int = 20000) -> str:
+    """``text`` as XML 1.0 accepts it: forbidden characters replaced by U+FFFD, cut at ``limit``."""
+    text = _NOT_XML.sub("\ufffd", str(text))
+    return text if len(text) <= limit else text[:limit] + " ..."
+
+
 def junit_xml(results, elapsed: float) -> bytes:
-    """One <testcase> per vector x target (classname = target, name = vector id and name)."""
+    """One <testcase> per vector x target (classname = target, name = vector id and name). Every
+    text from a port or a vector file is cleaned of what XML 1.0 forbids, so the file always parses."""
     n = {s: sum(r.status == s for r in results) for s in STATUSES}
     suites = ET.Element("testsuites", name="refopt check", tests=str(len(results)), failures=str(n["failed"]),
                         errors="0", skipped=str(n["skipped"]), time=f"{elapsed:.3f}")
@@ -92,18 +161,20 @@ def junit_xml(results, elapsed: float) -> bytes:
     for r in results:
         by_target[r.target.name].append(r)
     for target, rs in by_target.items():
-        suite = ET.SubElement(suites, "testsuite", name=target, tests=str(len(rs)),
+        suite = ET.SubElement(suites, "testsuite", name=xml_text(target), tests=str(len(rs)),
                               failures=str(sum(r.status == "failed" for r in rs)), errors="0",
                               skipped=str(sum(r.status == "skipped" for r in rs)),
                               time=f"{sum(r.seconds for r in rs):.3f}")
         for r in rs:
-            case = ET.SubElement(suite, "testcase", classname=target, name=f"{r.vector.id} {r.vector.name}",
-                                 time=f"{r.seconds:.4f}")
+            case = ET.SubElement(suite, "testcase", classname=xml_text(target),
+                                 name=xml_text(f"{r.vector.id} {r.vector.name}"), time=f"{r.seconds:.4f}")
             if r.status == "failed":
-                el = ET.SubElement(case, "failure", message=r.message[:500], type="ConformanceFailure")
-                el.text = r.diagnosis.text() if r.diagnosis is not None else r.message
+                el = ET.SubElement(case, "failure", message=xml_text(r.message, 500), type="ConformanceFailure")
+                el.text = xml_text(r.diagnosis.text() if r.diagnosis is not None else r.message)
             elif r.status == "skipped":
-                ET.SubElement(case, "skipped", message=r.message)
+                ET.SubElement(case, "skipped", message=xml_text(r.message, 500))
+            if r.notes:
+                ET.SubElement(case, "system-out").text = xml_text("\n".join(r.notes))
     return ET.tostring(suites, encoding="utf-8", xml_declaration=True)
 
 

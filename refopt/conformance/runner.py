@@ -7,6 +7,7 @@ every other case still runs.
 from __future__ import annotations
 
 import math
+import re
 import time
 from dataclasses import dataclass, field
 from typing import Callable
@@ -14,7 +15,7 @@ from typing import Callable
 from .. import registry
 from ..quirks import Quirks
 from . import backends
-from .targets import PortFailure, SkipVector
+from .targets import PortFailure, SkipVector, clean_text
 from .tolerance import judge
 
 RELEVANT_QUIRKS = {key: facts.quirks for key, facts in registry.OPTIMIZERS.items()}
@@ -33,6 +34,9 @@ class CaseResult:
     outputs: list = field(default_factory=list, repr=False)
     seconds: float = 0.0
     diagnosis: object = None
+    notes: tuple = ()         # remarks that do not fail the vector
+    faults: tuple = ()        # why it failed although (or before) the numbers were judged
+    unsupported: tuple = ()   # reference hyperparameters the port lacks that this vector needs
 
     @property
     def bitwise_fraction(self) -> float:
@@ -77,28 +81,56 @@ def run_case(vector, target) -> CaseResult:
     reason = target.skip_reason(vector)
     if reason:
         return CaseResult(vector, target, "skipped", reason)
+    missing = target.unsupported(vector) if hasattr(target, "unsupported") else []
+    if missing:
+        names = ", ".join(f"{ref}={_json(vector.hparams[ref])}" + (f" (as {mine!r})" if mine != ref else "")
+                          for ref, mine in missing)
+        return CaseResult(vector, target, "skipped", f"needs {names}, which the port does not take",
+                          unsupported=tuple(ref for ref, _ in missing))
     try:
         outputs = target.run(vector)
     except SkipVector as exc:
-        return CaseResult(vector, target, "skipped", str(exc), seconds=time.perf_counter() - t0)
+        return CaseResult(vector, target, "skipped", clean_text(exc), seconds=time.perf_counter() - t0)
     except PortFailure as exc:
-        return CaseResult(vector, target, "failed", str(exc), math.inf, seconds=time.perf_counter() - t0)
+        return CaseResult(vector, target, "failed", clean_text(exc), math.inf, outputs=list(exc.outputs),
+                          seconds=time.perf_counter() - t0)
     status, worst, bitwise, compared, fb = judge_outputs(vector, outputs)
     msg = "" if fb is None else f"step {fb['step']}: {fb['reason']}"
+    faults = _unique(clean_text(f) for o in outputs for f in o.faults)
+    if faults:
+        status, msg = "failed", "; ".join(faults) + (f" (and {msg})" if msg else "")
     return CaseResult(vector, target, status, msg, worst, bitwise, compared, fb, outputs,
-                      time.perf_counter() - t0)
+                      time.perf_counter() - t0, notes=_unique(clean_text(n) for o in outputs for n in o.notes), faults=faults)
+
+
+def _json(value) -> str:
+    import json
+
+    return json.dumps(value)
+
+
+def _unique(texts) -> tuple:
+    """Messages without repeats of the same one at a later step ("step 3: X" after "step 1: X")."""
+    seen, out = set(), []
+    for text in texts:
+        key = re.sub(r"^step \d+: ", "", text)
+        if key not in seen:
+            seen.add(key)
+            out.append(text)
+    return tuple(out)
 
 
 def plan(vectors, targets, port_profile: str = "reference") -> list[tuple]:
     """(vector, target) pairs: the core takes every vector (it is configured with the vector's
-    own profile and quirks); a port implements one profile, so it takes the vectors of that one,
-    and only those of the optimizers it implements."""
+    own profile and quirks); a port takes those of the optimizers it implements, in the
+    configuration it implements (every configuration when it applies each vector's own)."""
     pairs = []
     for target in targets:
         for v in (sample(vectors) if getattr(target, "sample", False) else vectors):
-            if getattr(target, "optimizers", None) and v.optimizer not in target.optimizers:
-                continue
-            if target.kind == "core" or profile_matches(v, port_profile):
+            if hasattr(target, "selects"):
+                if target.selects(v):
+                    pairs.append((v, target))
+            elif target.kind == "core" or profile_matches(v, port_profile):
                 pairs.append((v, target))
     return pairs
 
@@ -121,9 +153,15 @@ def sample(vectors, per_group: int | None = None) -> list:
 
 
 def run(pairs, progress: Callable[[int, int, str], None] | None = None) -> list[CaseResult]:
+    """Every pair's result. Nothing a target does stops the run: an error of refopt's own while
+    running or judging a case fails that case with the error, never passes it."""
     results = []
     for i, (v, target) in enumerate(pairs):
-        r = run_case(v, target)
+        try:
+            r = run_case(v, target)
+        except Exception as exc:  # noqa: BLE001
+            r = CaseResult(v, target, "failed", f"refopt could not judge this case: {type(exc).__name__}: {exc}",
+                           math.inf)
         if r.status != "failed":
             r.outputs = []  # only a diagnosis reads them; a scale vector's are megabytes
         results.append(r)

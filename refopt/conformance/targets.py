@@ -11,6 +11,7 @@ backends are in ``backends.py``, the kinds of port in ``ports.py``.
 """
 from __future__ import annotations
 
+import math
 from typing import Callable, NamedTuple
 
 import numpy as np
@@ -27,7 +28,10 @@ class ConfigError(Exception):
 
 
 class PortFailure(Exception):
-    """The target failed on one vector (raised, wrong shape/dtype): that vector fails."""
+    """The target failed on one vector (raised, wrong shape/dtype, crashed): that vector fails.
+    ``outputs``: the steps it completed before, when the runner has them."""
+
+    outputs: list = []
 
 
 class SkipVector(Exception):
@@ -39,16 +43,29 @@ class Output(NamedTuple):
     state: dict
     #: the step count the target reports after this step (None: it exposes none)
     step: int | None = None
+    #: remarks that do not fail the vector (a torch port writing into p.grad)
+    notes: tuple = ()
+    #: conformance faults the numbers cannot show (an input modified, a missing state entry)
+    faults: tuple = ()
 
 
-def checked_output(vector, step: int, param, state: dict, *, where: str, count=None) -> Output:
-    """The port's param/state (and step ``count``) for one step as NumPy in the vector's dtype,
-    or PortFailure."""
+def checked_output(vector, step: int, result, *, where: str) -> Output:
+    """A port's ``StepResult`` for one step as an ``Output`` in the vector's dtype: arrays of a
+    wider floating dtype are accepted when every value is exact in it (spec/tolerance.md); a
+    missing step count or state buffer is a fault. PortFailure for arrays that cannot be judged."""
     want = np_dtype(vector.dtype)
-    param = _expect(vector, step, "param", param, want, where)
-    named = {k: _expect(vector, step, k, v, want, where) for k, v in state.items()
-             if k in STATE_NAMES[vector.optimizer]}
-    return Output(param, named, None if count is None else step_count(count, step, where))
+    names = STATE_NAMES[vector.optimizer]
+    param = _expect(vector, step, "param", result.param, want, where)
+    state = {k: _expect(vector, step, k, result.state[k], want, where) for k in names if k in result.state}
+    faults = list(result.faults)
+    missing = [k for k in names if k not in state]
+    if missing:
+        faults.append(f"step {step + 1}: the port's state has no {', '.join(map(repr, missing))} (the state of "
+                      f"{vector.optimizer.upper()} is {', '.join(('step',) + names)}: spec "
+                      f"{'S0' if vector.optimizer == 'saveus' else 'D0'})")
+    if result.step is None:
+        faults.append(f"step {step + 1}: the port reports no step count (its state has no 'step')")
+    return Output(param, state, result.step, tuple(result.notes), tuple(faults))
 
 
 def step_count(value, step: int, where: str) -> int:
@@ -58,7 +75,8 @@ def step_count(value, step: int, where: str) -> int:
         number = arr.item() if arr.shape == () else None
     except Exception:  # noqa: BLE001 - anything a port returns must be readable
         number = None
-    if isinstance(number, bool) or not isinstance(number, (int, float)) or number != int(number):
+    if isinstance(number, bool) or not isinstance(number, (int, float)) or not math.isfinite(number) \
+            or number != int(number):
         raise PortFailure(f"step {step + 1}: {where} reported a step count that is not a whole number "
                           f"({value!r})")
     return int(number)
@@ -72,9 +90,32 @@ def _expect(vector, step, what, value, want, where):
     if arr.shape != tuple(vector.shape):
         raise PortFailure(f"step {step + 1}: {where} returned {what} of shape {arr.shape}, "
                           f"expected {tuple(vector.shape)}")
-    if arr.dtype != want:
-        raise PortFailure(f"step {step + 1}: {where} returned {what} of dtype {arr.dtype}, expected {want}")
-    return arr
+    if arr.dtype == want:
+        return arr
+    name = dtype_label(arr.dtype)
+    if (arr.dtype.kind == "f" or arr.dtype == np_dtype("bfloat16")) and arr.dtype.itemsize > want.itemsize:
+        narrowed = arr.astype(want)
+        wide = arr.astype(np.float64)
+        with np.errstate(invalid="ignore"):
+            exact = (narrowed.astype(np.float64) == wide) | (np.isnan(wide) & np.isnan(narrowed.astype(np.float64)))
+        if bool(np.all(exact)):
+            return narrowed
+        raise PortFailure(f"step {step + 1}: {where} returned {what} in {name} with values that are not exact "
+                          f"in {vector.dtype} (a wider dtype is accepted only when every value is; "
+                          f"spec/tolerance.md)")
+    raise PortFailure(f"step {step + 1}: {where} returned {what} of dtype {name}, expected {vector.dtype}")
+
+
+def dtype_label(dtype) -> str:
+    return "bfloat16" if dtype == np_dtype("bfloat16") else np.dtype(dtype).name
+
+
+def clean_text(text, limit: int = 2000) -> str:
+    """A port's text as one printable line: control characters, surrogates and other unprintable
+    characters become '?', and it is cut at ``limit`` characters (a port's messages end up on the
+    terminal, in JSON and in XML)."""
+    text = "".join(c if c.isprintable() else ("?" if c not in "\n\t" else " ") for c in str(text))
+    return text if len(text) <= limit else text[:limit] + "..."
 
 
 def call_port(where: str, fn: Callable, *args, **kwargs):

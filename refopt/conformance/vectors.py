@@ -15,7 +15,11 @@ from __future__ import annotations
 import functools
 import hashlib
 import json
+import math
+import os
 import pathlib
+import re
+import stat
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -33,6 +37,14 @@ VECTORS_SUBDIR = "vectors"
 CHECKSUMS = "SHA256SUMS"
 OPTIMIZERS = tuple(registry.OPTIMIZERS)
 STATE_NAMES = {key: facts.buffers for key, facts in registry.OPTIMIZERS.items()}
+#: Bounds on what is read, so a damaged or hostile directory costs bounded memory and time.
+MAX_VECTOR_BYTES = 256 << 20
+MAX_CHECKSUM_BYTES = 4 << 20
+MAX_NDIM = 32
+#: The most elements a generated (format-2 ``counter``) tensor may have.
+MAX_GENERATED = 1 << 26
+#: Vector ids (and so file names): letters, digits, '.', '_', '-'.
+ID_PATTERN = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,99}")
 
 
 class VectorFileError(Exception):
@@ -211,17 +223,49 @@ def _as_set(x):
     return {x} if isinstance(x, str) else set(x)
 
 
+def read_regular(path: pathlib.Path, limit: int) -> bytes:
+    """The bytes of a regular file of at most ``limit`` bytes; VectorFileError for anything else
+    (a directory, a device, a FIFO, a link to one of those, a file too large)."""
+    try:
+        info = os.stat(path)  # follows links: a link to /dev/zero is a device
+    except OSError as exc:
+        raise VectorFileError(f"{path}: cannot read ({exc.strerror or exc})") from None
+    if not stat.S_ISREG(info.st_mode):
+        raise VectorFileError(f"{path}: not a regular file")
+    if info.st_size > limit:
+        raise VectorFileError(f"{path}: {info.st_size} bytes, more than the {limit} a vector file may have")
+    try:
+        with open(path, "rb") as f:
+            raw = f.read(limit + 1)
+    except OSError as exc:
+        raise VectorFileError(f"{path}: cannot read ({exc.strerror or exc})") from None
+    if len(raw) > limit:
+        raise VectorFileError(f"{path}: more than {limit} bytes")
+    return raw
+
+
 def read_checksums(root: pathlib.Path) -> dict:
     path = root / CHECKSUMS
-    if not path.is_file():
+    if not path.exists():
         raise VectorFileError(f"{path}: checksum file missing")
+    raw = read_regular(path, MAX_CHECKSUM_BYTES)
+    try:
+        text = raw.decode("ascii")
+    except UnicodeDecodeError as exc:
+        raise VectorFileError(f"{path}: not ASCII (byte {exc.start})") from None
     sums = {}
-    for n, line in enumerate(path.read_text(encoding="ascii").splitlines(), 1):
+    for n, line in enumerate(text.splitlines(), 1):
         if not line.strip():
             continue
         digest, sep, name = line.partition("  ")
-        if not sep or len(digest) != 64:
+        if not sep or not re.fullmatch(r"[0-9a-f]{64}", digest):
             raise VectorFileError(f"{path}:{n}: malformed line (expected '<sha256>  <file>')")
+        folder, slash, file = name.partition("/")
+        if folder != VECTORS_SUBDIR or not slash or not file.endswith(".json") \
+                or not ID_PATTERN.fullmatch(file[:-len(".json")]):
+            raise VectorFileError(f"{path}:{n}: {name!r} is not a vector file name (vectors/<id>.json)")
+        if name in sums:
+            raise VectorFileError(f"{path}:{n}: {name} listed twice")
         sums[name] = digest
     return sums
 
@@ -252,11 +296,13 @@ def load(path=None, *, optimizer=None, dtype=None, profile=None, ids=None) -> li
     for f in files:
         if want["id"] is not None and f.stem not in want["id"]:
             continue  # files are named by id, so unselected ones need not be read
-        raw = f.read_bytes()
+        raw = read_regular(f, MAX_VECTOR_BYTES)
         if hashlib.sha256(raw).hexdigest() != sums[f"{VECTORS_SUBDIR}/{f.name}"]:
             raise VectorFileError(f"{f}: checksum mismatch (edited or damaged; regenerate with "
                                   f"`refopt vectors generate`)")
         vec = parse(raw, f)
+        if vec.id != f.stem:
+            raise VectorFileError(f"{f}: its id {vec.id!r} is not its file name")
         if all(want[k] is None or getattr(vec, k) in want[k] for k in ("optimizer", "dtype", "profile")):
             out.append(vec)
     if not out:
@@ -271,17 +317,26 @@ def parse(raw: bytes, where="<vector>") -> Vector:
         doc = json.loads(raw)
     except UnicodeDecodeError as exc:
         raise VectorFileError(f"{where}: not UTF-8 ({exc})") from None
+    except RecursionError:
+        raise VectorFileError(f"{where}: nested too deeply to be a vector") from None
     except json.JSONDecodeError as exc:
         body = raw.strip()
         truncated = body.startswith(b"{") and not body.endswith(b"}")  # a cut-off object
         what = "truncated JSON" if truncated else "not JSON"
         raise VectorFileError(f"{where}: {what} ({exc.msg} at line {exc.lineno} column {exc.colno})") from None
+    except ValueError as exc:  # e.g. an integer of more digits than Python converts
+        raise VectorFileError(f"{where}: not JSON ({_short(exc)})") from None
     try:
         return _build(doc, where)
     except VectorFileError:
         raise
-    except (KeyError, TypeError, ValueError, AttributeError) as exc:
-        raise VectorFileError(f"{where}: off-schema ({type(exc).__name__}: {exc})") from None
+    except (KeyError, TypeError, ValueError, AttributeError, OverflowError, IndexError, RecursionError) as exc:
+        raise VectorFileError(f"{where}: off-schema ({type(exc).__name__}: {_short(exc)})") from None
+
+
+def _short(exc, limit: int = 200) -> str:
+    text = "".join(c if c.isprintable() else "?" for c in str(exc))
+    return text if len(text) <= limit else text[:limit] + "..."
 
 
 def _input(obj, where, version, dtype, shape):
@@ -297,6 +352,8 @@ def _input(obj, where, version, dtype, shape):
                 raise ValueError(f"{where}.counter.{key} must be an integer" + (" >= 0" if key == "stream" else ""))
         if not isinstance(spec["centred"], bool):
             raise ValueError(f"{where}.counter.centred must be true or false")
+        if not isinstance(obj["shape"], list) or math.prod(obj["shape"]) > MAX_GENERATED:
+            raise ValueError(f"{where}: a generated tensor has at most {MAX_GENERATED} elements")
         x = Generated(counter.parse_seed(spec["seed"]), spec["stream"], spec["exponent"], spec["centred"],
                       obj["dtype"], tuple(obj["shape"]))
     else:
@@ -315,9 +372,11 @@ def _expected(obj, where, version, shape):
 
 
 def _step_count(obj, where):
+    if not isinstance(obj, dict):
+        raise ValueError(f"{where} must be an object")
     step = obj["step"]
-    if not isinstance(step, int) or isinstance(step, bool) or step < 0:
-        raise ValueError(f"{where}.step must be a non-negative integer")
+    if not isinstance(step, int) or isinstance(step, bool) or not 0 <= step < 2**62:
+        raise ValueError(f"{where}.step must be an integer in [0, 2**62)")
     return step
 
 
@@ -333,6 +392,35 @@ def _judged(doc, version, shape):
     return idx
 
 
+def _string(value, what, pattern=None) -> str:
+    if not isinstance(value, str) or (pattern is not None and not pattern.fullmatch(value)):
+        raise ValueError(f"{what} must be a string{' of letters, digits, ., _, -' if pattern else ''}, "
+                         f"got {_short(repr(value), 60)}")
+    return value
+
+
+def _strings(value, what) -> tuple:
+    if not isinstance(value, list) or not all(isinstance(x, str) and len(x) <= 100 for x in value):
+        raise ValueError(f"{what} must be a list of short strings")
+    return tuple(value)
+
+
+def _tolerance(tol) -> dict:
+    if not isinstance(tol, dict):
+        raise ValueError("tolerance must be an object")
+    for key in ("k", "floor_ulps"):
+        value = tol.get(key, 0.0)
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value < 0:
+            raise ValueError(f"tolerance.{key} must be a finite number >= 0, got {_short(repr(value), 60)}")
+    return dict(tol)
+
+
+def _budget(arr, what):
+    if not bool(np.all(np.isfinite(arr) & (arr >= 0))):
+        raise ValueError(f"{what} must be finite and >= 0 (it has NaN, infinite or negative values)")
+    return arr
+
+
 def _build(doc, where) -> Vector:
     if not isinstance(doc, dict):
         raise ValueError("top level must be an object")
@@ -341,8 +429,18 @@ def _build(doc, where) -> Vector:
         raise ValueError(f"format must be {FORMAT!r} version {' or '.join(map(str, FORMAT_VERSIONS))}")
     opt = doc["optimizer"]
     if opt not in OPTIMIZERS:
-        raise ValueError(f"optimizer {opt!r} is not one of {', '.join(OPTIMIZERS)}")
+        raise ValueError(f"optimizer {_short(repr(opt), 60)} is not one of {', '.join(OPTIMIZERS)}")
     names = STATE_NAMES[opt]
+    _string(doc["id"], "id", ID_PATTERN)
+    if doc["dtype"] not in registry.DTYPES:
+        raise ValueError(f"dtype must be one of {', '.join(registry.DTYPES)}")
+    if doc["profile"] not in registry.PROFILES:
+        raise ValueError(f"profile must be one of {', '.join(registry.PROFILES)}")
+    if not isinstance(doc["shape"], list) or len(doc["shape"]) > MAX_NDIM or \
+            not all(isinstance(d, int) and not isinstance(d, bool) and 0 <= d < 2**40 for d in doc["shape"]):
+        raise ValueError(f"shape must be a list of at most {MAX_NDIM} non-negative integers")
+    if not isinstance(doc["hparams"], dict) or not isinstance(doc["steps"], list):
+        raise ValueError("hparams must be an object and steps a list")
     dtype, shape = doc["dtype"], tuple(doc["shape"])
     judged = _judged(doc, version, shape)
     golden_shape = shape if judged is None else judged.shape
@@ -356,19 +454,42 @@ def _build(doc, where) -> Vector:
     steps = []
     for i, s in enumerate(doc["steps"]):
         w = f"steps[{i}]"
+        if not isinstance(s["state_budget"], dict) or not set(s["state_budget"]) <= set(names):
+            raise ValueError(f"{w}.state_budget must be an object with keys among {', '.join(names)}")
         state = {"step": _step_count(s["state"], f"{w}.state"),
                  **{k: _expected(s["state"][k], f"{w}.state.{k}", version, golden_shape) for k in names}}
         steps.append(Step(grad_source=_input(s["grad"], f"{w}.grad", version, dtype, shape),
                           param=_expected(s["param"], f"{w}.param", version, golden_shape),
-                          budget=_expected(s["budget"], f"{w}.budget", version, golden_shape), state=state,
-                          state_budget={k: _expected(v, f"{w}.state_budget.{k}", version, golden_shape)
+                          budget=_budget(_expected(s["budget"], f"{w}.budget", version, golden_shape), f"{w}.budget"),
+                          state=state,
+                          state_budget={k: _budget(_expected(v, f"{w}.state_budget.{k}", version, golden_shape),
+                                                   f"{w}.state_budget.{k}")
                                         for k, v in s["state_budget"].items()}))
     if not steps:
         raise ValueError("steps is empty")
-    return Vector(
-        id=doc["id"], name=doc["name"], optimizer=opt, profile=doc["profile"], quirks=dict(doc["quirks"]),
-        hparams=dict(doc["hparams"]), dtype=dtype, shape=shape, clauses=tuple(doc["clauses"]),
-        flags=tuple(doc["flags"]), param0_source=param0, state0_source=state0, steps=tuple(steps),
-        tolerance=dict(doc["tolerance"]), description=doc.get("description", ""), path=str(where),
+    vector = Vector(
+        id=doc["id"], name=_string(doc["name"], "name"), optimizer=opt, profile=doc["profile"],
+        quirks=dict(doc["quirks"]), hparams=dict(doc["hparams"]), dtype=dtype, shape=shape,
+        clauses=_strings(doc["clauses"], "clauses"), flags=_strings(doc["flags"], "flags"), param0_source=param0,
+        state0_source=state0, steps=tuple(steps), tolerance=_tolerance(doc["tolerance"]),
+        description=_string(doc.get("description", ""), "description"), path=str(where),
         judged=judged, format_version=version,
     )
+    _check_hparams(vector)
+    return vector
+
+
+def _check_hparams(vector) -> None:
+    """The vector's hyperparameters are ones the reference accepts (spec/errors.md)."""
+    known = {h.name for h in registry.OPTIMIZERS[vector.optimizer].hparams}
+    unknown = sorted(set(vector.hparams) - known)
+    if unknown:
+        raise ValueError(f"hparams: {_short(repr(unknown[0]), 60)} is not a hyperparameter of {vector.optimizer}")
+    cl = vector.hparams.get("clip_lambda")
+    if cl is not None and (not isinstance(cl, dict) or set(cl) != {"power"} or isinstance(cl["power"], bool)
+                           or not isinstance(cl["power"], (int, float))):
+        raise ValueError('hparams.clip_lambda must be null or {"power": number}')
+    try:
+        vector.make_reference()
+    except (TypeError, ValueError) as exc:
+        raise ValueError(f"hparams: {_short(exc)}") from None

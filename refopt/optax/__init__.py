@@ -37,6 +37,15 @@ core buffer, shaped like ``params`` (and sharded like it). They are the core's N
 (``refopt.SAVEUSState``/``refopt.DOPEState``, fields readable as attributes or keys) holding
 pytrees where the core holds arrays.
 
+Injected hyperparameters. ``optax.inject_hyperparams(refopt.optax.dope)(learning_rate=1e-3)`` works:
+the numbers it hands over as 0-d arrays are taken as the Python numbers they hold, and the
+learning rate may be traced. Inside ``jax.jit`` only the learning rate can be: the other
+hyperparameters decide which clauses act and are read as Python numbers, as the reference reads
+them, so keep them static with ``static_args=refopt.optax.STATIC_ARGS["dope"]`` (always needed for
+SAVEUS, whose ``clip_lambda`` inject_hyperparams would otherwise call as a schedule). Note that
+inject_hyperparams rounds the numbers it holds to the parameters' dtype unless given
+``hyperparam_dtype=jnp.float64``.
+
 Compilation. The update is jitted inside (eager calls too), once per tree structure, shapes and
 dtypes; a schedule must therefore be traceable, as optax schedules are. The compiled program holds
 one copy of the step per leaf: XLA compile time grows with the number of leaves (about 0.3-0.7 s
@@ -116,6 +125,9 @@ def transform(cls: type[Optimizer], learning_rate: ScalarOrSchedule | None = Non
     if cls not in _STATES:
         raise TypeError(f"refopt.optax.transform: expected refopt.SAVEUS or refopt.DOPE, got {cls!r}")
     learning_rate = _pick_lr(learning_rate, hparams.pop("lr", None))
+    if _is_array(learning_rate):  # optax.inject_hyperparams: a jax scalar, traced under jax.jit
+        learning_rate = _constant_schedule(learning_rate)
+    hparams = {k: _python_number(cls, k, v) for k, v in hparams.items()}
     schedule = learning_rate if callable(learning_rate) else None
     if schedule is None and learning_rate is not None:
         hparams["lr"] = learning_rate
@@ -164,6 +176,53 @@ def transform(cls: type[Optimizer], learning_rate: ScalarOrSchedule | None = Non
         exact_step = jax.jit(exact_step)
     update_fn.refopt_step = exact_step
     return optax.GradientTransformationExtraArgs(init_fn, update_fn)
+
+
+def _is_array(value) -> bool:
+    return isinstance(value, (jax.Array, np.ndarray, np.generic)) and not isinstance(value, (bool, np.bool_))
+
+
+def _constant_schedule(value):
+    """A learning rate given as an array (``optax.inject_hyperparams`` passes one, traced inside
+    ``jax.jit``): used as a schedule's value would be, never read on the host."""
+    if np.ndim(value) != 0:
+        raise TypeError(f"learning_rate must be a number or a 0-d array, got shape {np.shape(value)}")
+
+    def schedule(count):
+        return value
+
+    return schedule
+
+
+def _python_number(cls, name, value):
+    """A hyperparameter given as a 0-d array (``optax.inject_hyperparams`` turns every number it is
+    given, and every default, into one) as the Python number the core validates. Only the
+    learning rate may be traced: the others decide which clauses act (S1, D1, D13, ...) and are
+    read as Python numbers, as the reference reads them."""
+    if not _is_array(value):
+        return value
+    if name == "clip_lambda":  # inject_hyperparams calls every callable it is given as a schedule
+        raise TypeError(
+            f"refopt.optax.saveus: clip_lambda arrived as a number, not a function (optax.inject_hyperparams "
+            f"takes callables for schedules); keep it static: optax.inject_hyperparams(refopt.optax.saveus, "
+            f"static_args=refopt.optax.STATIC_ARGS['saveus'])")
+    if isinstance(value, jax.core.Tracer):
+        raise TypeError(
+            f"refopt.optax.{cls.__name__.lower()}: {name} is a traced value (optax.inject_hyperparams "
+            f"inside jax.jit?); only the learning rate can change inside a compiled step. Keep the others "
+            f"static: optax.inject_hyperparams(refopt.optax.{cls.__name__.lower()}, "
+            f"static_args=refopt.optax.STATIC_ARGS[{cls.__name__.lower()!r}])")
+    if np.ndim(value) != 0:
+        raise TypeError(f"{name} must be a real number, got an array of shape {np.shape(value)}")
+    number = np.asarray(value).item()  # exact: float32/float64 values are Python floats exactly
+    return number
+
+
+#: For ``optax.inject_hyperparams(refopt.optax.dope, static_args=STATIC_ARGS["dope"])``: every
+#: hyperparameter but the learning rate stays a Python number, so the update can be jitted with
+#: the learning rate injected.
+STATIC_ARGS = {key: tuple(h.name for h in facts.hparams if h.name != "lr") + ("profile", "quirks", "check_finite")
+               for key, facts in ((c.facts.key, c.facts) for c in (SAVEUS, DOPE))}
 
 
 def step(tx: optax.GradientTransformation, grads, state, params):
@@ -231,4 +290,4 @@ def _core_step(opt, p, g, state):
     return opt.step(p, g, state)
 
 
-__all__ = ["saveus", "dope", "transform", "step", "SAVEUSState", "DOPEState"]
+__all__ = ["saveus", "dope", "transform", "step", "SAVEUSState", "DOPEState", "STATIC_ARGS"]

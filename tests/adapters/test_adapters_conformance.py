@@ -1,7 +1,8 @@
 """The adapters' fast paths against the golden vectors (issue 5: speed must not cost conformance).
 
-Runs `refopt check --port ...` in-process on refopt.torch (single-tensor and multi-tensor paths)
-and refopt.optax, exactly as a port author would."""
+Runs `refopt check --port ...` on refopt.torch (single-tensor and multi-tensor paths) and
+refopt.optax, exactly as a port author would (`--in-process`, so that the test can reach inside).
+Both take profile= and quirks=, so they are given every vector with its own configuration."""
 from __future__ import annotations
 
 import textwrap
@@ -35,7 +36,7 @@ def paths_module(tmp_path, monkeypatch):
 
 @pytest.mark.parametrize("cls", ["DOPEForeach", "DOPESingle", "SAVEUSForeach", "SAVEUSSingle"])
 def test_torch_adapter_paths_pass_every_vector(paths_module, cls, capsys):
-    rc = main(["check", "--port", f"torch:{paths_module}:{cls}", "-q"])
+    rc = main(["check", "--port", f"torch:{paths_module}:{cls}", "-q", "--in-process"])
     out = capsys.readouterr()
     assert rc == 0, out.out + out.err
 
@@ -43,7 +44,7 @@ def test_torch_adapter_paths_pass_every_vector(paths_module, cls, capsys):
 @pytest.mark.parametrize("factory", ["dope", "saveus"])
 def test_optax_adapter_passes_the_float64_vectors(factory, capsys):
     pytest.importorskip("optax")
-    rc = main(["check", "--port", f"optax:refopt.optax:{factory}", "--dtype", "float64", "-q"])
+    rc = main(["check", "--port", f"optax:refopt.optax:{factory}", "--dtype", "float64", "-q", "--in-process"])
     out = capsys.readouterr()
     assert rc == 0, out.out + out.err
 
@@ -55,7 +56,8 @@ def test_optax_rowblocked_dope_path_passes_the_vectors(monkeypatch, capsys):
     taken = []
     real = optax_adapter._rowblock.step
     monkeypatch.setattr(optax_adapter._rowblock, "step", lambda *a: taken.append(1) or real(*a))
-    rc = main(["check", "--port", "optax:refopt.optax:dope", "--dtype", "float64,float32", "-q"])
+    rc = main(["check", "--port", "optax:refopt.optax:dope", "--dtype", "float64,float32", "--profile", "reference",
+               "-q", "--in-process"])
     out = capsys.readouterr()
     assert rc == 0, out.out + out.err
     assert taken, "no vector reached the row-blocked path"
