@@ -84,6 +84,9 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--in-place", action="store_true",
                    help="a python port that updates param and state in place (as a torch optimizer does) "
                         "instead of returning new arrays")
+    c.add_argument("--no-multi-tensor", action="store_true",
+                   help="skip the multi-tensor run of a torch port (its vectors' tensors together in one optimizer, "
+                        "over param groups; by default run after the single-tensor one)")
     c.add_argument("--in-process", action="store_true",
                    help="run a Python port in refopt's own process instead of a worker (to debug it with "
                         "breakpoints; an exit, crash or hang of the port then ends the run)")
@@ -179,6 +182,11 @@ def _targets(args):
             for t in targets:
                 t.close()
             raise
+        if not args.no_multi_tensor and args.fuzz is None:
+            from .conformance.multitensor import MultiTensorTarget
+
+            targets += [MultiTensorTarget(t, timeout=args.timeout or DEFAULT_TIMEOUT) for t in targets
+                        if t.kind == "torch"]
         return targets
     for option in ("hparam_map", "quirks", "timeout"):
         if getattr(args, option):
@@ -214,6 +222,9 @@ def check(args) -> int:
     targets = _targets(args)
     try:
         pairs = runner.plan(vecs, targets)
+        for t in targets:  # a multi-tensor run batches the vectors it will get
+            if hasattr(t, "prepare"):
+                t.prepare([v for v, target in pairs if target is t])
         if not pairs:
             raise ConfigError("no vector selected for the port: none of the configuration it implements "
                               "(--profile, --quirks) for the optimizer it implements (--optimizer)")

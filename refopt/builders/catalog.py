@@ -220,6 +220,10 @@ def _common(opt: str) -> list:
         cases += _per_dtype(opt, f"quotient-overflow-{profile}", (3, 5), dtypes=("float64",), grads="overflow-row",
                             profile=profile, hparams={"centralization": 0.0}, steps=3,
                             flags=("QuotientOverflow",))
+    # Q1 off with gradients far larger than their normalized value: the interpolation's g/s - g
+    # must stay in W (one R); rounded to 16 bits first it loses g/s (FLAGS.md: LargeGradient)
+    cases += _per_dtype(opt, "documented-large-grad", (4, 6), dtypes=LOW, profile="documented", scale=100.0,
+                        steps=3, hparams={"normalization": 1.0}, flags=("QuirksOff", "LargeGradient"))
     cases += _per_dtype(opt, "documented", (3, 5), profile="documented", flags=("QuirksOff",))
     cases += _per_dtype(opt, "documented", (9,), profile="documented", flags=("QuirksOff",))
     cases += _per_dtype(opt, "array-api-mean", (9,), quirks={"torch_empty_axis_mean": False},
@@ -305,6 +309,11 @@ def dope_cases() -> list:
                         pscale=1e-155, hparams={"lr": BIG_LR_DOPE, "eps": 1e-10, "eps2": 1e-10, "weight_decay": 0.0,
                                                 "normalization": 0.0, "centralization": 0.0, "clip": 0.0},
                         flags=("KnifeEdge", "SubnormalProducts", "NormalizationOff", "ClipOff", "DecayOff"))
+    # D12 with k = 0 (A5): diff_mult < 0 and eps2 = 0 make every u oppose g; sigma = n / 1e-8
+    # overflows float16, the mask R(P * sigma) is 0 all the same (FLAGS.md: ZeroCount)
+    cases += _per_dtype(o, "zero-count", (3, 5), steps=3,
+                        hparams={"lr": BIG_LR_DOPE, "diff_mult": -1.0, "eps2": 0.0, "gamma": 0.0},
+                        flags=("ZeroCount", "DiffMult"))
     cases += _per_dtype(o, "clip-tiny-norm", (3, 5), f16=F16_TINY, grads="tiny", scale=1e-7,
                         hparams={"normalization": 0.0, "centralization": 0.0, "clip": 1.0, "momentum_beta": 0.9},
                         flags=("IllConditioned", "ClipEpsilon"))

@@ -72,6 +72,10 @@ class FuzzOutcome:
     stopped_by_time: bool
 
 
+class _OutOfTime(BaseException):
+    """Raised inside the Hypothesis test when ``--fuzz-time`` has passed and nothing failed."""
+
+
 def _strategies(optimizers, dtypes, config):
     from hypothesis import strategies as st
 
@@ -189,7 +193,7 @@ def run(targets, *, examples: int, seed: int = 0, seconds: float | None = None, 
     def check(draw):
         if state["failure"] is None and seconds is not None and time.perf_counter() - t0 > seconds:
             state["timed_out"] = True
-            return  # out of time: the remaining draws are not run (a failure found is still shrunk)
+            raise _OutOfTime  # a BaseException: Hypothesis stops at once (a failure found is still shrunk)
         try:
             vector, doc = build(draw)
         except generate.NothingToJudge:
@@ -205,6 +209,8 @@ def run(targets, *, examples: int, seed: int = 0, seconds: float | None = None, 
 
     try:
         check()
+    except _OutOfTime:
+        pass
     except Exception:  # noqa: BLE001 - the failure (or Hypothesis's report of it) is recorded
         if state["failure"] is None:
             raise

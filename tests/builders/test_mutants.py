@@ -37,7 +37,10 @@ def kills(opt, vec) -> bool:
     with warnings.catch_warnings(), np.errstate(all="ignore"):
         warnings.simplefilter("ignore")
         for i, s in enumerate(vec.steps):
-            p, st = opt.step(p, np.asarray(s.grad, dtype=dt), st)
+            try:
+                p, st = opt.step(p, np.asarray(s.grad, dtype=dt), st)
+            except ValueError:  # e.g. a wrapped step count the next step refuses: a port that raises fails
+                return True
             if not judge(vec, i, p).passed or not all(judge(vec, i, x, what=w).passed for w, x in st.items()):
                 return True
     return False
