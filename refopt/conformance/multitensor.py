@@ -23,6 +23,7 @@ import subprocess
 import sys
 import traceback
 
+from .adapters import _torch_to_numpy, overwrite_state
 from .protocol import StepResult, hparams_from_json
 from .targets import STATE_NAMES, ConfigError, PortFailure, checked_output, step_count
 
@@ -61,9 +62,9 @@ def run_batch(adapter, cases) -> dict:
         for p, c in zip(params, cases):
             if k < len(c.grads):
                 st = opt.state.get(p, {})
-                buffers = {n: adapter.backend.back(st[n]) for n in names if torch.is_tensor(st.get(n))}
+                buffers = {n: _torch_to_numpy(st[n]) for n in names if torch.is_tensor(st.get(n))}
                 count = None if st.get("step") is None else step_count(st["step"], k, adapter.name)
-                out[c.id].append(StepResult(adapter.backend.back(p), buffers, count))
+                out[c.id].append(StepResult(_torch_to_numpy(p), buffers, count))
     return out
 
 
@@ -81,14 +82,7 @@ def _restore(adapter, opt, params, cases):
         if c.state is None:
             opt.state.pop(p, None)
             continue
-        st = opt.state[p]
-        for name, value in c.state.items():
-            if name == "step":
-                old = st.get("step")
-                st["step"] = (torch.tensor(float(value), dtype=old.dtype, device=old.device)
-                              if torch.is_tensor(old) else type(old or 0)(value))
-            else:
-                st[name] = to(value)
+        overwrite_state(torch, to, opt.state[p], c.state)
 
 
 def _answer(adapter, cases) -> tuple:
