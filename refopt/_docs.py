@@ -74,13 +74,35 @@ def state_section(facts: registry.OptimizerFacts) -> str:
 
 
 ZERO_GRADIENT_NOTE = """\
-Reference behaviours a user may meet first (what the public code computes, not defects):
-    * A parameter with a one-element channel (shape (k, 1), (k, 1, 1, 1); normalize_channels=True
-      and normalization on) becomes NaN: the channel's std with correction 1 is 0/0 (A2). Use
-      normalize_channels=False or normalization=0 for such parameters."""
+Reference behaviours a user may meet first (what the public code computes, in both profiles; not
+defects, spec/common.md A2 and spec/numerics.md):
+    * NaN for one-element channels: a parameter with two or more axes and one element per
+      channel, i.e. shape (k, 1), (k, 1, 1), (k, 1, 1, 1) (nn.Linear(1, k).weight, a 1x1
+      convolution with one input channel), becomes NaN at its first step, whatever its gradient
+      (zero too), when normalize_channels=True and the normalization is on (the defaults): A2
+      takes each channel's standard deviation with correction 1, which is 0/0 for one element.
+      Put such parameters in a group with normalize_channels=False (one std for the tensor) or
+      normalization=0."""
 
 DOPE_DECAY_NOTE = """\
-    * DOPE's default weight_decay=0.01 moves parameters even when every gradient is zero: D13
-      divides p by denominators that are about eps * eps2 = 1e-8 without gradient history, so a
-      step moves p by about lr * weight_decay * 1e8 = 150 times its value. Set weight_decay=0
-      (or a larger eps/eps2) where gradients can be zero for long."""
+    * DOPE's default weight_decay=0.01 moves parameters even when every gradient is zero, so a
+      zero-gradient step is not a no-op: D13 divides p by the D7 denominators, which are eps
+      (1e-6) and eps2 (1e-2) without gradient history, so one step changes p by
+      -lr * weight_decay * p / (eps * eps2), about -150 p at the defaults (lr=1.5e-4), and by
+      similar amounts wherever the gradient history stays tiny. Neither profile changes it. Use
+      weight_decay=0 (for all parameters, or a group of those that may get no gradient), or
+      larger eps/eps2 to bound it."""
+
+SAVEUS_DECAY_NOTE = """\
+    * SAVEUS's coupled weight decay (weight_decay != 0 with decouple_weight_decay=False) is added
+      to the direction after its denominator is formed (S8 after S7), so with zero gradients the
+      denominator is eps (1e-8) and a step changes p by -lr / (1 - beta1**t) * weight_decay * p /
+      eps: 1e5 p at step 1 with lr=1e-3, weight_decay=0.1. The default weight_decay=0 is not
+      affected; decouple_weight_decay=True multiplies p by 1 - lr / (1 - beta1**t) * weight_decay
+      instead."""
+
+
+def reference_notes(facts: registry.OptimizerFacts) -> str:
+    """The reference behaviours a user meets first, for the class docstrings (core and torch)."""
+    own = DOPE_DECAY_NOTE if facts.key == "dope" else SAVEUS_DECAY_NOTE
+    return f"{ZERO_GRADIENT_NOTE}\n{own}"

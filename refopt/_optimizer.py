@@ -158,10 +158,7 @@ def _class_doc(cls) -> str:
     options = ("    check_finite (bool, default False): raise ValueError before a step whose param, grad or "
                "state holds NaN/inf or whose step count is out of range (reads values: a host sync).")
     parts = [head, _docs.args_section(facts, extra=options), _docs.update_section(facts, cls.UPDATE),
-             _docs.state_section(facts), _docs.ZERO_GRADIENT_NOTE]
-    if facts.key == "dope":
-        parts.append(_docs.DOPE_DECAY_NOTE)
-    parts.append(_example(facts))
+             _docs.state_section(facts), _docs.reference_notes(facts), _example(facts)]
     return "\n\n".join(p for p in parts if p)
 
 

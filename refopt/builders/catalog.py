@@ -254,6 +254,15 @@ def saveus_cases() -> list:
                         hparams={"lr": BIG_LR_SAVEUS, "weight_decay": 0.1, "decouple_weight_decay": True,
                                  "clip_gradients": True},
                         flags=("DecoupledDecay", "ClipByValue"))
+    # decay without clipping: a port that cannot switch clipping off (the other public SAVEUS)
+    # is still checked on its decay (S8) by these
+    cases += _per_dtype(o, "decoupled", (4, 6),
+                        hparams={"lr": BIG_LR_SAVEUS, "weight_decay": 0.1, "decouple_weight_decay": True,
+                                 "clip_lambda": None},
+                        flags=("DecoupledDecay", "ClipLambdaNone"))
+    cases += _per_dtype(o, "coupled", (4, 6),
+                        hparams={"lr": BIG_LR_SAVEUS, "weight_decay": 0.05, "clip_lambda": None},
+                        flags=("CoupledDecay", "ClipLambdaNone"))
     cases += _per_dtype(o, "coupled-clip-power", (4, 6),
                         hparams={"lr": BIG_LR_SAVEUS, "weight_decay": 0.05, "amp_fac": 0.5, "betas": [0.8, 0.99],
                                  "clip_gradients": True, "clip_lambda": {"power": 0.5}},

@@ -387,7 +387,11 @@ class OptaxAdapter(Adapter):
                 raise SkipVector("its optax state holds no NamedTuple with the reference's buffer names, so a "
                                  "given starting state cannot be injected")
         for k, grad in enumerate(case.grads):
-            updates, state = call_port(self.name, tx.update, jnp.asarray(grad), state, p)
+            res = call_port(self.name, tx.update, jnp.asarray(grad), state, p)
+            if not (isinstance(res, (tuple, list)) and len(res) == 2):
+                raise PortFailure(f"step {k + 1}: {self.name}'s update returned {type(res).__name__}; expected a pair "
+                                  f"(updates, new_state)")
+            updates, state = res
             p = call_port(self.name, optax.apply_updates, p, updates)
             found = find_named(state, names)
             buffers = {n: np.array(getattr(found, n)) for n in names} if found is not None else {}

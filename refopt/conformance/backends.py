@@ -161,6 +161,9 @@ class CoreTarget:
         self.sample = sample
         self.name = f"refopt[{backend.name}]" + (" (sample)" if sample else "")
 
+    def selects(self, vector) -> bool:
+        return True  # configured with each vector's own profile and quirks
+
     def skip_reason(self, vector) -> str | None:
         if vector.dtype not in self.backend.dtypes:
             return f"{self.backend.name} has no {vector.dtype}"

@@ -23,13 +23,13 @@ from . import adapters, protocol
 from .encoding import np_dtype  # noqa: F401 - re-exported for tests and port authors
 from .process import DEFAULT_TIMEOUT, PortProcess
 from .protocol import Case
+from .runner import config_matches
 from .targets import STATE_NAMES, ConfigError, PortFailure, checked_output
 from .vectors import hparams_to_json
 
 KINDS = ("exec", *adapters.KINDS)
 #: The reference's defaults in the vectors' JSON form, to tell which vectors a port can run.
 DEFAULTS_JSON = {key: hparams_to_json(key, facts.defaults) for key, facts in registry.OPTIMIZERS.items()}
-RELEVANT_QUIRKS = {key: facts.quirks for key, facts in registry.OPTIMIZERS.items()}
 
 
 def parse_hparam_map(text: str | None) -> dict[str, str]:
@@ -67,11 +67,6 @@ def parse_quirks(text: str | None) -> dict[str, bool]:
 def configuration(profile: str = "reference", quirks: dict | None = None) -> dict:
     """Every quirk's setting for a profile with overrides."""
     return dict(Quirks.for_profile(profile).as_dict(), **(quirks or {}))
-
-
-def config_matches(vector, config: dict) -> bool:
-    """True when the vector's quirks, on those its optimizer reads, are ``config``'s."""
-    return all(bool(vector.quirks.get(q, config[q])) == config[q] for q in RELEVANT_QUIRKS[vector.optimizer])
 
 
 class InProcess:

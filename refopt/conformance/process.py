@@ -9,12 +9,14 @@ the line limit in memory.
 """
 from __future__ import annotations
 
+import atexit
 import os
 import queue
 import signal
 import subprocess
 import threading
 import time
+import weakref
 
 from . import protocol
 from .protocol import Case, ProtocolError
@@ -27,7 +29,19 @@ MIN_START_TIMEOUT = 60.0
 #: After this many cases in a row during which the process died, it is not restarted again.
 MAX_DEATHS = 10
 STDERR_TAIL = 8192
+#: Lines read ahead of the runner: a port that writes faster than it is read waits.
+READ_AHEAD = 16
 _CHUNK = 1 << 16
+
+
+#: Port processes still running, ended when the runner exits (however it exits).
+_LIVE: "weakref.WeakSet[PortProcess]" = weakref.WeakSet()
+
+
+@atexit.register
+def _end_all() -> None:
+    for port in list(_LIVE):
+        port.kill()
 
 
 class _Timeout(Exception):
@@ -70,10 +84,13 @@ class PortProcess:
                                          start_new_session=os.name == "posix")
         except (OSError, ValueError) as exc:
             raise ConfigError(f"--port {self.name}: cannot start {self.argv[0]!r} ({exc})") from None
-        self.lines: queue.Queue = queue.Queue()
+        _LIVE.add(self)
+        self.lines: queue.Queue = queue.Queue(READ_AHEAD)
+        self.stop = threading.Event()
         self.tail = bytearray()
         self.limit = protocol.MIN_LINE_LIMIT
-        self._threads = [threading.Thread(target=self._read_lines, args=(self.proc.stdout, self.lines), daemon=True),
+        self._threads = [threading.Thread(target=self._read_lines, args=(self.proc.stdout, self.lines, self.stop),
+                                          daemon=True),
                          threading.Thread(target=_read_tail, args=(self.proc.stderr, self.tail), daemon=True)]
         for t in self._threads:
             t.start()
@@ -86,7 +103,7 @@ class PortProcess:
                               f"the port process was ended{self._last_words()}") from None
         except _Exited:
             code = self._reap()
-            words = self._last_line()
+            words = self._last_line(named=False)  # the worker's own one-line reason comes last
             if self.worker and code == 2 and words:
                 raise ConfigError(words) from None
             raise ConfigError(f"--port {self.name}: the port {describe(code)} before its hello message"
@@ -100,6 +117,7 @@ class PortProcess:
         proc, self.proc = self.proc, None
         if proc is None:
             return
+        self._release()
         try:
             proc.stdin.close()
         except OSError:
@@ -112,10 +130,21 @@ class PortProcess:
     def kill(self) -> None:
         proc, self.proc = self.proc, None
         if proc is not None:
+            self._release()
             _kill(proc)
+
+    def _release(self) -> None:
+        """Let the reader of a process we are leaving finish (it may wait on a full queue)."""
+        self.stop.set()
+        try:
+            while True:
+                self.lines.get_nowait()
+        except queue.Empty:
+            pass
 
     def _reap(self) -> int:
         proc, self.proc = self.proc, None
+        self._release()
         try:
             code = proc.wait(timeout=5)
         except subprocess.TimeoutExpired:  # closed its output but lives on
@@ -190,8 +219,13 @@ class PortProcess:
 
     # -- reading (threads) -----------------------------------------------------------------------
 
-    def _read_lines(self, stream, q) -> None:
-        """Split standard output into lines; stop (and say so) at a line over the limit."""
+    def _read_lines(self, stream, q, stop) -> None:
+        """Split standard output into lines (blank ones skipped), at most READ_AHEAD ahead of the
+        runner; stop (and say so) at a line over the limit."""
+        def put(item) -> bool:
+            q.put(item)
+            return not stop.is_set()
+
         buf, scanned = bytearray(), 0
         try:
             while True:
@@ -205,29 +239,31 @@ class PortProcess:
                         scanned = len(buf)
                         break
                     if i > self.limit:
-                        q.put(("long", self.limit))
+                        put(("long", self.limit))
                         return
-                    q.put(("line", bytes(buf[:i])))
+                    line = bytes(buf[:i])
                     del buf[:i + 1]
                     scanned = 0
+                    if line.strip() and not put(("line", line)):
+                        return
                 if len(buf) > self.limit:
-                    q.put(("long", self.limit))
+                    put(("long", self.limit))
                     return
         except (OSError, ValueError):
             pass
         finally:
             _close(stream)
-        q.put(("eof", None))
+        put(("eof", None))
 
-    def _last_line(self) -> str:
+    def _last_line(self, named: bool = True) -> str:
         text = bytes(self.tail[-STDERR_TAIL:]).decode("utf-8", "replace")
         lines = [ln.strip() for ln in text.splitlines() if ln.strip()]
         if not lines:
             return ""
         # the last line that names an error (a traceback's last line, "Fatal Python error: ..."),
         # else the last line
-        named = [ln for ln in lines if any(w in ln for w in ("Error", "error:", "Exception", "Fatal"))]
-        line = "".join(c if c.isprintable() else "?" for c in (named or lines)[-1])
+        errors = [ln for ln in lines if any(w in ln for w in ("Error", "error:", "Exception", "Fatal"))] if named else []
+        line = "".join(c if c.isprintable() else "?" for c in (errors or lines)[-1])
         return line[:300] + ("..." if len(line) > 300 else "")
 
     def _last_words(self) -> str:

@@ -45,8 +45,13 @@ class CaseResult:
 
 def profile_matches(vector, profile: str) -> bool:
     """True when the vector's quirks, on those its optimizer reads, are exactly ``profile``'s."""
-    want = Quirks.for_profile(profile).as_dict()
-    return all(bool(vector.quirks.get(q, want[q])) == want[q] for q in RELEVANT_QUIRKS[vector.optimizer])
+    return config_matches(vector, Quirks.for_profile(profile).as_dict())
+
+
+def config_matches(vector, config: dict) -> bool:
+    """True when the vector's quirks, on those its optimizer reads, are ``config``'s (every quirk
+    name -> bool)."""
+    return all(bool(vector.quirks.get(q, config[q])) == config[q] for q in RELEVANT_QUIRKS[vector.optimizer])
 
 
 def judge_outputs(vector, outputs) -> tuple[str, float, int, int, dict | None]:
@@ -120,19 +125,12 @@ def _unique(texts) -> tuple:
     return tuple(out)
 
 
-def plan(vectors, targets, port_profile: str = "reference") -> list[tuple]:
+def plan(vectors, targets) -> list[tuple]:
     """(vector, target) pairs: the core takes every vector (it is configured with the vector's
     own profile and quirks); a port takes those of the optimizers it implements, in the
     configuration it implements (every configuration when it applies each vector's own)."""
-    pairs = []
-    for target in targets:
-        for v in (sample(vectors) if getattr(target, "sample", False) else vectors):
-            if hasattr(target, "selects"):
-                if target.selects(v):
-                    pairs.append((v, target))
-            elif target.kind == "core" or profile_matches(v, port_profile):
-                pairs.append((v, target))
-    return pairs
+    return [(v, target) for target in targets
+            for v in (sample(vectors) if getattr(target, "sample", False) else vectors) if target.selects(v)]
 
 
 def sample(vectors, per_group: int | None = None) -> list:

@@ -11,9 +11,13 @@ original code) do; float32/64 differ only in the order of sums and in three fuse
 ulp each). In float64 that is within 3e-15 of the scale of the core after 8 steps, and in every
 dtype the conformance vectors' budgets are used as much as by the original code.
 
-``step`` runs eagerly and is not meant to be wrapped in ``torch.compile`` (it reads host-side
-step counts and plans its batches in Python). To compile an update, compile the core's pure step
-instead: ``torch.compile(refopt.DOPE().step, fullgraph=True)``.
+They behave as torch.optim optimizers do under torch's tools: a 1-element tensor ``lr`` and the
+``torch.optim.lr_scheduler`` classes, ``state_dict()`` checkpoints that ``torch.load`` reads with
+``weights_only=True`` (and torch.distributed.checkpoint: per-parameter tensors and a 0-d tensor
+``step``), and ``torch.compile`` of a training step that calls ``opt.step()``: the step is a graph
+break and runs eagerly (it plans its batches on the host), so results equal eager ones. For one
+graph, compile the core's pure step: ``torch.compile(refopt.DOPE().step, fullgraph=True)``. See
+the class docstrings for the details and for the reference behaviours on zero gradients.
 """
 from __future__ import annotations
 
@@ -36,9 +40,9 @@ class SAVEUS(TorchOptimizer):
 
     Core = _saveus.SAVEUS
 
-    def _scalars(self, core, t, device, dtype):
+    def _scalars(self, core, t, lr):
         s = bias_scalars(core, t)
-        s["step_size"] = core.lr / s["bc1"]
+        s["step_size"] = lr / s["bc1"]  # S3 in float64 (a 0-d float64 tensor for a device lr)
         s["clip"] = None
         if core.clip_gradients and core.clip_lambda is not None:
             # S9: called with the 1-based step count as a 0-d float64 tensor, as the core does
@@ -58,9 +62,11 @@ class DOPE(TorchOptimizer):
     """DOPE (refopt.DOPE semantics, spec/dope.md) as a ``torch.optim.Optimizer``."""
 
     Core = _dope.DOPE
+    PUBLIC_SCRATCH = ("mask",)  # the original's D12 mask, rebuilt every step
 
-    def _scalars(self, core, t, device, dtype):
+    def _scalars(self, core, t, lr):
         s = bias_scalars(core, t)
+        s["lr"] = lr
         # D6 in float64, as the reference's Python floats
         s["eps_hat"] = core.eps if core.eps_floor is None else max(core.eps_floor, core.eps * math.sqrt(t))
         s["amp"] = K.amplification(t, core.momentum_lambda, core.quirks)
@@ -92,7 +98,7 @@ class DOPE(TorchOptimizer):
                 scales = [K.cautious_scale(sum(c[1:], c[0]), p.numel(), dtype, q.float32_scalars)
                           for c, p in zip(counts, seg)]
                 for batch, lists in groups:
-                    K.dope_apply(lists, h["lr"], [scales[i] for i, _ in batch])
+                    K.dope_apply(lists, s["lr"], [scales[i] for i, _ in batch])
 
     @staticmethod
     def _clip_coefs(groups, h, q, n, dtype):

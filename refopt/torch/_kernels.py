@@ -13,6 +13,11 @@ scale and D14): an ulp at most, and the same conformance budgets as the original
 tensors get the reference's own ops throughout.
 
 The kernels write the optimizer's own buffers (state, scratch) and the parameter; never the grad.
+
+Step scalars (``s``, from _optim/__init__): Python floats computed on the host in float64, except
+the ones that carry the learning rate (SAVEUS ``step_size``, DOPE ``lr``), which are 0-d float64
+tensors on the parameters' device when ``lr`` is a tensor there (read without a host sync;
+``mul_`` and ``add_times_`` take either).
 """
 from __future__ import annotations
 
@@ -96,15 +101,48 @@ def scalar(xs, c: float):
     return torch.tensor(c, dtype=x.dtype) if x.device.type == "cpu" and x.dtype not in LOW else c
 
 
-def mul_(xs, c: float):
+def mul_(xs, c):
     """xs *= c for a Python float. For 16-bit tensors one tensor at a time: torch's foreach
     multiply rounds ``c`` to the tensor's dtype first, where ``x.mul_(c)`` (the reference's op,
-    which the core models) multiplies by it in float32."""
+    which the core models) multiplies by it in float32.
+
+    ``c`` may also be a 0-d tensor on the tensors' device (a step scalar derived from a tensor
+    ``lr`` there, see _optim.step_lr): the same rounding, without reading it on the host."""
+    if isinstance(c, torch.Tensor):
+        if xs and xs[0].dtype in LOW:  # the product in float32, then rounded, as x.mul_(float)
+            c32 = c.to(F32)
+            for x in xs:
+                x.copy_(x.to(F32).mul_(c32))
+        elif xs:
+            torch._foreach_mul_(xs, c.to(xs[0].dtype))
+        return
     if xs and xs[0].dtype in LOW:
         for x in xs:
             x.mul_(c)
     else:
         torch._foreach_mul_(xs, scalar(xs, c))
+
+
+def add_times_(xs, ys, alpha, denoms=None):
+    """xs += alpha * ys, or alpha * (ys / denoms) (torch's addcdiv): one fused op for a Python
+    float ``alpha``. For a 0-d tensor ``alpha`` (a tensor ``lr`` on the parameters' device, never
+    read on the host) float32/64 scale ``ys``, a scratch, in place and then add: within an ulp of
+    the fused op; 16-bit tensors compute in float32 and round once, as the fused op does."""
+    if not isinstance(alpha, torch.Tensor):
+        if denoms is None:
+            torch._foreach_add_(xs, ys, alpha=alpha)
+        else:
+            torch._foreach_addcdiv_(xs, ys, denoms, value=alpha)
+    elif xs and xs[0].dtype in LOW:
+        a = alpha.to(F32)
+        for i, x in enumerate(xs):
+            y = ys[i].to(F32) if denoms is None else ys[i].to(F32).div_(denoms[i])
+            x.copy_(y.mul_(a).add_(x))
+    elif xs:
+        if denoms is not None:
+            torch._foreach_div_(ys, denoms)
+        mul_(ys, alpha)
+        torch._foreach_add_(xs, ys)
 
 
 def _fill(dst, src):
@@ -167,7 +205,7 @@ def saveus_batch(b, h, q, s):
     if s["clip"] is not None:  # S9
         torch._foreach_clamp_min_(g, -s["clip"])
         torch._foreach_clamp_max_(g, s["clip"])
-    torch._foreach_addcdiv_(p, g, denom, value=-s["step_size"])  # S10
+    add_times_(p, g, -s["step_size"], denom)  # S10 (addcdiv; g is scratch)
 
 
 def dope_grad(b, h, q):
@@ -224,7 +262,7 @@ def dope_update(b, h, q, s, coefs, counts):
     if wd > 0:  # D13: pre-update p over the same denominators
         w = into(t4, torch.div, p, denom)
         torch._foreach_div_(w, denom_diff)
-        torch._foreach_add_(p, w, alpha=-h["lr"] * wd)
+        add_times_(p, w, -s["lr"] * wd)
     if cautious:  # D12 part 1: the mask; its scale needs every piece's count
         pos = into(t4, torch.mul, u, prev if c_t is None else c_t)
         for i, m in enumerate(pos):
@@ -233,7 +271,7 @@ def dope_update(b, h, q, s, coefs, counts):
             counts[i] = m.sum(dtype=torch.float64 if exact else F32)
         torch._foreach_mul_(u, pos)
     else:
-        torch._foreach_add_(p, u, alpha=-h["lr"])  # D14
+        add_times_(p, u, -s["lr"])  # D14 (u is the scratch g)
 
 
 def cautious_scale(count, numel: int, dtype, float32_scalars: bool):
@@ -246,13 +284,16 @@ def cautious_scale(count, numel: int, dtype, float32_scalars: bool):
 
 def dope_apply(b, lr, scales):
     """DOPE phase 3 (cautious): D12 scale and D14, ``p - lr * ((u * pos) * scale)``; in one
-    pass for float32/64, as two rounded ops for 16-bit tensors."""
-    if b["p"][0].dtype in LOW:
-        for g, scale in zip(b["g"], scales):
-            # the reference's mask is R(P * sigma): 0 where P is 0 even when sigma overflows the dtype
-            # (n / k > 65504 in float16, e.g. k = 0), where (u * P) * R(sigma) would be 0 * inf = NaN
-            g.copy_(torch.where(g == 0, g, g * scale))
-        torch._foreach_add_(b["p"], b["g"], alpha=-lr)
+    pass for float32/64, as two rounded ops for 16-bit tensors (and for a device tensor lr)."""
+    if b["p"][0].dtype in LOW or isinstance(lr, torch.Tensor):
+        if b["p"][0].dtype in LOW:
+            for g, scale in zip(b["g"], scales):
+                # the reference's mask is R(P * sigma): 0 where P is 0 even when sigma overflows the
+                # dtype (n / k > 65504 in float16, e.g. k = 0), where (u * P) * R(sigma) is 0 * inf = NaN
+                g.copy_(torch.where(g == 0, g, g * scale))
+        else:
+            torch._foreach_mul_(b["g"], scales)
+        add_times_(b["p"], b["g"], -lr)
     else:
         torch._foreach_addcmul_(b["p"], b["g"], scales, value=-lr)
 

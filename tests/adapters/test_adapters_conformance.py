@@ -41,6 +41,7 @@ def test_torch_adapter_paths_pass_every_vector(paths_module, cls, capsys):
     assert rc == 0, out.out + out.err
 
 
+@pytest.mark.slow  # one jit compilation per vector
 @pytest.mark.parametrize("factory", ["dope", "saveus"])
 def test_optax_adapter_passes_the_float64_vectors(factory, capsys):
     pytest.importorskip("optax")
@@ -49,6 +50,7 @@ def test_optax_adapter_passes_the_float64_vectors(factory, capsys):
     assert rc == 0, out.out + out.err
 
 
+@pytest.mark.slow  # one jit compilation per vector
 def test_optax_rowblocked_dope_path_passes_the_vectors(monkeypatch, capsys):
     """The large-leaf DOPE path of refopt.optax, forced onto every vector leaf of 2 or more axes."""
     optax_adapter = pytest.importorskip("refopt.optax")

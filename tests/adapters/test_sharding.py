@@ -114,6 +114,7 @@ def worker():
     print(json.dumps(report))
 
 
+@pytest.mark.slow  # 8 simulated devices in a subprocess
 def test_sharded_equals_unsharded_and_reductions_are_global():
     pytest.importorskip("jax")
     pytest.importorskip("optax")

@@ -98,7 +98,7 @@ def test_state_matches_core_state():
         p, opt = _torch_run(cls, p0, grads)
         _, st = _core_run(core_cls(), p0.numpy(), [g.numpy() for g in grads])
         mine = opt.state[opt.param_groups[0]["params"][0]]
-        assert set(mine) == set(st._fields) and mine["step"] == STEPS and isinstance(mine["step"], int)
+        assert set(mine) == set(st._fields) and int(mine["step"]) == STEPS == int(st.step)
         for k in cls.BUFFERS:
             assert _rel(mine[k].numpy(), st[k]) <= 1e-12, (name, k)
 
@@ -383,7 +383,7 @@ def test_load_state_dict_rejects_foreign_state(src):
     else:
         sd = _stepped(rt.DOPE)[1].state_dict()
         if src == "version":
-            sd["param_groups"][0]["refopt_format"] = "refopt.torch.DOPE/2"
+            sd["param_groups"][0]["refopt_format"] = "refopt.torch.DOPE/3"
         elif src == "shape":
             sd["state"][0]["fim"] = torch.zeros(5, 3)
         else:
@@ -397,7 +397,7 @@ def test_load_state_dict_rejects_foreign_state(src):
 
 def test_state_dict_carries_the_format_tag():
     _, opt = _stepped(rt.SAVEUS)
-    assert opt.state_dict()["param_groups"][0]["refopt_format"] == "refopt.torch.SAVEUS/1"
+    assert opt.state_dict()["param_groups"][0]["refopt_format"] == "refopt.torch.SAVEUS/2"
 
 
 # ---- devices -------------------------------------------------------------------------------

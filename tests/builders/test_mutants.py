@@ -129,6 +129,7 @@ def test_port_function_round_trips_state():
         fn("saveus", p, p, state, {})
 
 
+@pytest.mark.slow  # the CLI path; test_vectors_reject_each_single_mistake covers detection
 def test_self_test_detects_every_mutant(capsys):
     code = cli.main(["check", "--self-test"])
     out = capsys.readouterr().out

@@ -35,7 +35,7 @@ def check(capsys, vdir, port, *more):
 @pytest.mark.parametrize("body, words", [
     ("import sys\nsys.exit(0)\n", "called sys.exit(0)"),
     ("import os\nos._exit(0)\n", "exited with status 0 before its hello message"),
-    ("raise KeyboardInterrupt\n", "raised KeyboardInterrupt"),
+    pytest.param("raise KeyboardInterrupt\n", "raised KeyboardInterrupt", marks=pytest.mark.slow),
 ])
 def test_a_port_that_exits_while_imported_is_exit_2(vdir, capsys, tmp_path, body, words):
     (tmp_path / "leaving.py").write_text(body + "def step(o, p, g, s, h):\n    return p, s\n")
@@ -46,7 +46,8 @@ def test_a_port_that_exits_while_imported_is_exit_2(vdir, capsys, tmp_path, body
 
 @pytest.mark.parametrize("fn, words", [
     ("exits_in_step", "called sys.exit(0)"),
-    ("hard_exits_in_step", "the port exited with status 0 while running this case"),
+    pytest.param("hard_exits_in_step", "the port exited with status 0 while running this case",
+                 marks=pytest.mark.slow),
     ("crashes_in_step", "was killed by signal SIGSEGV"),
 ])
 def test_a_port_that_dies_in_a_step_fails_that_vector_only(vdir, capsys, tmp_path, fn, words):
@@ -67,6 +68,7 @@ def test_output_floods_are_drained_and_harmless(vdir, capsys):
     assert code == 0 and "3 passed" in out
 
 
+@pytest.mark.slow
 def test_a_process_that_keeps_dying_is_not_restarted_forever(vdir, monkeypatch):
     monkeypatch.setattr(process, "MAX_DEATHS", 1)
     target = ports.make_port(f"python:{EXAMPLES}:hard_exits_in_step")
@@ -96,7 +98,7 @@ def test_exec_port_passes_and_reuses_one_process(vdir, capsys):
 @pytest.mark.parametrize("mode, words", [
     ("exit-before-hello", "exited with status 3 before its hello message; last line on its standard error: "
                           "'no licence for this port'"),
-    ("garbage-hello", "not a protocol message: 'Hello, world!'"),
+    pytest.param("garbage-hello", "not a protocol message: 'Hello, world!'", marks=pytest.mark.slow),
     ("bad-version", "protocol version 99 is not one this runner speaks"),
 ])
 def test_a_port_without_a_valid_hello_is_exit_2(vdir, capsys, mode, words):
@@ -106,7 +108,7 @@ def test_a_port_without_a_valid_hello_is_exit_2(vdir, capsys, mode, words):
 
 @pytest.mark.parametrize("mode, status, words", [
     ("garbage-step", "failed", "protocol error: a line that is not a protocol message: 'DEBUG: step done'"),
-    ("wrong-index", "failed", "step message 1: index must be 1, got 2"),
+    pytest.param("wrong-index", "failed", "step message 1: index must be 1, got 2", marks=pytest.mark.slow),
     ("error", "failed", "cannot do that"),
     ("skip", "skipped", "not today"),
 ])

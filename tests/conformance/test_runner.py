@@ -76,7 +76,7 @@ def test_framework_backends(vdir, capsys, backend):
 # -- python ports -------------------------------------------------------------------------------
 
 def test_good_python_port_passes_reference_vectors_only(vdir, capsys, portmod):
-    code, out, _ = run_cli(capsys, "--vectors", str(vdir), "--port", f"python:{portmod}:good_port", "-v")
+    code, out, _ = run_cli(capsys, "--vectors", str(vdir), "--port", f"python:{portmod}:good_port", "-v", "--in-process")
     assert code == 0, out
     assert "d-doc-f64" not in out  # a port is checked against one profile (reference by default)
     assert out.count("PASSED") == 5
@@ -85,7 +85,7 @@ def test_good_python_port_passes_reference_vectors_only(vdir, capsys, portmod):
 def test_broken_port_fails_with_diagnosis_and_reproduction(vdir, capsys, portmod, tmp_path):
     rep, xml = tmp_path / "r.json", tmp_path / "r.xml"
     code, out, _ = run_cli(capsys, "--vectors", str(vdir), "--port", f"python:{portmod}:lerp_port",
-                           "--report", str(rep), "--junit", str(xml))
+                           "--report", str(rep), "--junit", str(xml), "--in-process")
     assert code == 1
     assert "matches the documented profile on aliased_lerp (Q1, clause S2, D2)" in out
     assert f"refopt check --port python:{portmod}:lerp_port --vectors {vdir} --ids d-f64 -v" in out
@@ -108,7 +108,7 @@ def test_broken_port_fails_with_diagnosis_and_reproduction(vdir, capsys, portmod
     ("nan_port", "NaN where golden is finite"),
 ])
 def test_port_failure_fails_that_vector_only(vdir, capsys, portmod, fn, msg):
-    code, out, _ = run_cli(capsys, "--vectors", str(vdir), "--port", f"python:{portmod}:{fn}", "-v")
+    code, out, _ = run_cli(capsys, "--vectors", str(vdir), "--port", f"python:{portmod}:{fn}", "-v", "--in-process")
     assert code == 1
     assert msg in out
     assert out.count("PASSED") >= 2 and out.count("FAILED") >= 2  # the other optimizer's vectors still ran
@@ -362,7 +362,8 @@ def test_port_returning_garbage_fails_that_vector(vdir):
 
 def test_json_report_writes_non_finite_values_as_strings(vdir, tmp_path, capsys, portmod):
     rep = tmp_path / "r.json"
-    code, _, _ = run_cli(capsys, "--vectors", str(vdir), "--port", f"python:{portmod}:nan_port", "--report", str(rep))
+    code, _, _ = run_cli(capsys, "--vectors", str(vdir), "--port", f"python:{portmod}:nan_port", "--report", str(rep),
+                         "--in-process")
     assert code == 1
     cases = json.loads(rep.read_text())["cases"]  # strict JSON: no NaN/Infinity tokens
     bad = next(c for c in cases if c["status"] == "failed")

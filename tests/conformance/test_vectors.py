@@ -46,6 +46,7 @@ def test_counts_cover_both_optimizers_every_dtype_and_both_profiles(vectors):
     assert len({v.id for v in vectors}) == len(vectors)
 
 
+@pytest.mark.slow  # jsonschema over every file; the reader checks each file's shape in every run
 def test_every_file_matches_the_schema():
     schema = json.loads((ROOT / "schema.json").read_text())
     jsonschema.Draft202012Validator.check_schema(schema)
