@@ -83,6 +83,7 @@ def test_the_steps_check_a_port_and_write_the_reports(tmp_path):
     assert (tmp_path / "out" / "report.json").is_file()
 
 
+@pytest.mark.slow
 def test_a_failing_port_fails_the_step(tmp_path):
     from refopt.conformance import load
 

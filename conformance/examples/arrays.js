@@ -64,11 +64,12 @@ function bytesOf(t) {
 
 function count(shape) { return shape.reduce((a, b) => a * b, 1); }
 
-// The values of a tensor object (any form) as a Float64Array (int64 as exact numbers).
-function decode(t) {
+// The values of a tensor object (any form) as a Float64Array (int64 as exact numbers). A generated
+// tensor's first `limit` elements can be made alone: element j depends on j only.
+function decode(t, limit = Infinity) {
   if ("counter" in t) {
     const c = t.counter;
-    return counterValues(c.seed, c.stream, count(t.shape), t.dtype, c.exponent, c.centred);
+    return counterValues(c.seed, c.stream, Math.min(count(t.shape), limit), t.dtype, c.exponent, c.centred);
   }
   const raw = bytesOf(t), n = count(t.shape), size = ITEMSIZE[t.dtype];
   if (!size) throw new Error(`unknown dtype ${t.dtype}`);

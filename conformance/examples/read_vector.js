@@ -38,7 +38,7 @@ function main() {
   const v = JSON.parse(bytes.toString("utf8"));
   const count = Number(countArg || 5);
   const step0 = v.steps[0];
-  const first = (t) => Array.from(decode(t).subarray(0, count));
+  const first = (t) => Array.from(decode(t, count).subarray(0, count));
   console.log(JSON.stringify({
     id: v.id, format_version: v.format_version, optimizer: v.optimizer, dtype: v.dtype, shape: v.shape,
     profile: v.profile, hparams: v.hparams, steps: v.steps.length, fresh_state: v.state0 === null, checksum,

@@ -27,11 +27,12 @@ def check(capsys, *argv):
 
 
 def test_node_port_passes_vectors_of_every_kind(capsys):
-    # one of each: both optimizers, every dtype, both profiles, a scale and a long-horizon vector
+    # one of each: both optimizers, every dtype, both profiles, a long-horizon vector
     vecs = load()
     picked = {}
-    for v in vecs:
-        picked.setdefault((v.optimizer, v.dtype, v.profile, "Scale" in v.flags, "LongHorizon" in v.flags), v.id)
+    for v in vecs:  # (the Scale vectors take a second each: the slow test below runs them)
+        if "Scale" not in v.flags:
+            picked.setdefault((v.optimizer, v.dtype, v.profile, "LongHorizon" in v.flags), v.id)
     code, out = check(capsys, "--port", port(EXAMPLES), "--ids", ",".join(picked.values()), "-q")
     assert code == 0, out
 
