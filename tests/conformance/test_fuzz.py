@@ -22,6 +22,7 @@ def run_cli(capsys, *argv):
     return code, out, err
 
 
+@pytest.mark.slow  # the no-false-alarm sweep below, in short
 def test_correct_cores_pass_a_short_fuzz(tmp_path):
     from refopt.conformance import backends
 
