@@ -116,7 +116,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="instead of the vector files, judge N random cases drawn by Hypothesis (budgets computed on "
                         "the fly); a failure is shrunk and written as a vector file (--fuzz-out)")
     c.add_argument("--seed", type=int, default=0, metavar="S", help="the fuzzer's seed (default 0)")
-    c.add_argument("--fuzz-time", type=float, metavar="SECONDS", help="stop drawing new cases after this long")
+    c.add_argument("--fuzz-time", type=_seconds, metavar="SECONDS", help="stop drawing new cases after this long")
     c.add_argument("--fuzz-out", default="refopt-fuzz", metavar="DIR",
                    help="vector directory a failing fuzz case is written to (default ./refopt-fuzz)")
     g = c.add_mutually_exclusive_group()
