@@ -32,7 +32,8 @@ tolerance model (one unit in the last place of the parameter's scale). ``refopt.
 grads, state, params)`` returns the core's new parameters exactly.
 
 State. ``SAVEUSState(step, ema, ema_squared)`` / ``DOPEState(step, exp_avg, fim, fim_diff,
-prev_grad)``: one int32 0-d ``step`` (updates done; all leaves step together) and one pytree per
+prev_grad)``: one 0-d integer ``step`` (updates done; all leaves step together; int64 with x64, so
+it counts past 2**31 - 1 exactly as S0/D0 require, else JAX's int32) and one pytree per
 core buffer, shaped like ``params`` (and sharded like it). They are the core's NamedTuples
 (``refopt.SAVEUSState``/``refopt.DOPEState``, fields readable as attributes or keys) holding
 pytrees where the core holds arrays.
@@ -105,7 +106,7 @@ def _factory_docs(fn, core):
         fn.__doc__, _docs.args_section(facts, extra=alias), _docs.update_section(facts, core.UPDATE),
         _docs.state_section(facts).replace(f"State: {facts.name}State(",
                                            f"State: refopt.{facts.name}State(") + "\n    (each buffer a pytree "
-        "shaped like params; one int32 step for all leaves)",
+        "shaped like params; one integer step for all leaves: int64 with x64, else int32)",
         f"Example:\n    >>> tx = refopt.optax.{fn.__name__}(1e-3)\n    >>> state = tx.init(params)\n"
         "    >>> updates, state = tx.update(grads, state, params)   # params are required\n"
         "    >>> params = optax.apply_updates(params, updates)"])
@@ -256,9 +257,10 @@ def _leaf_init(opt, path, p):
 
 
 def _step_zero(leaves):
-    """The 0-d int32 count, replicated over the mesh of the first mesh-sharded leaf if any, so an
-    eager first update sees the placement later ones do (one compilation, not two)."""
-    zero = jnp.zeros([], jnp.int32)
+    """The 0-d count, replicated over the mesh of the first mesh-sharded leaf if any, so an eager
+    first update sees the placement later ones do (one compilation, not two). int64 where JAX has
+    it (x64): an int32 count wraps past 2**31 - 1 (S0/D0; the StepCountInt64 vectors)."""
+    zero = jnp.zeros([], jnp.int64 if jax.config.read("jax_enable_x64") else jnp.int32)
     for p in leaves:
         sharding = getattr(p, "sharding", None)
         if isinstance(sharding, jax.sharding.NamedSharding):
