@@ -31,7 +31,8 @@ _LOCK = threading.Lock()
 class Kernel:
     """One compiled step: ``kernel(pointers, rows, cols, values, threads)``."""
 
-    def __init__(self, traced, program: Program, lib):
+    def __init__(self, traced, program: Program, source: str, lib):
+        self.program, self.program_source = program, source
         self.inputs = program.inputs
         self.params = program.params
         self.guards = traced.trace.guards
@@ -88,7 +89,7 @@ def kernel_for(optimizer, ndim: int, dtype: str, rows: int, cols: int) -> Kernel
     traced = trace(optimizer, min(ndim, 2), dtype, {"rows": rows, "cols": cols})
     program = Program(traced, name=f"refopt_{optimizer.facts.key}_step")
     source = program.source()
-    kernel = Kernel(traced, program, load(source, f"{optimizer.facts.key}-{dtype}"))
+    kernel = Kernel(traced, program, source, load(source, f"{optimizer.facts.key}-{dtype}"))
     with _LOCK:
         _KERNELS.setdefault(key, []).append(kernel)
     return kernel

@@ -48,28 +48,30 @@ def _version(cc: str) -> str:
         raise CompilerUnavailable(f"{cc} does not run: {exc}") from None
 
 
-def load(source: str, name: str) -> ctypes.CDLL:
-    """The shared library built from ``source`` (compiled on first use, then cached)."""
+def load(source: str, name: str, include: str | None = None) -> ctypes.CDLL:
+    """The shared library built from ``source`` (compiled on first use, then cached);
+    ``include``: a directory of headers it needs (jaxlib's, for the XLA FFI handler)."""
     cc = compiler()
-    key = hashlib.sha256("\0".join((source, cc, _version(cc), *FLAGS)).encode()).hexdigest()[:24]
+    flags = FLAGS + (("-I", include) if include else ())
+    key = hashlib.sha256("\0".join((source, cc, _version(cc), *flags)).encode()).hexdigest()[:24]
     with _LOCK:
         lib = _LOADED.get(key)
         if lib is not None:
             return lib
         target = cache_dir() / f"{name}-{key}.so"
         if not target.exists():
-            _compile(cc, source, target)
+            _compile(cc, source, target, flags)
         lib = ctypes.CDLL(str(target))
         _LOADED[key] = lib
         return lib
 
 
-def _compile(cc: str, source: str, target: pathlib.Path) -> None:
+def _compile(cc: str, source: str, target: pathlib.Path, flags=FLAGS) -> None:
     with tempfile.TemporaryDirectory() as tmp:
         c_file = pathlib.Path(tmp) / "kernel.c"
         c_file.write_text(source)
         out = pathlib.Path(tmp) / target.name
-        proc = subprocess.run([cc, *FLAGS, "-o", str(out), str(c_file), "-lm"], capture_output=True, text=True,
+        proc = subprocess.run([cc, *flags, "-o", str(out), str(c_file), "-lm"], capture_output=True, text=True,
                               timeout=300)
         if proc.returncode != 0:
             raise CompilerUnavailable(f"{cc} failed on a generated kernel: {proc.stderr.strip()[-600:]}")

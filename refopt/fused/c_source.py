@@ -490,3 +490,43 @@ def _literal(value, dtype: str) -> str:
     if dtype in ("bfloat16", "float16"):
         return Program.cast(f"(double){text}", "float64", dtype)
     return f"(({ctype}){text})"
+
+
+FFI_HANDLER = r"""
+#include "xla/ffi/api/c_api.h"
+
+/* XLA FFI handler (typed FFI, C API): args = (params f64[n], param, grad, state...), rets =
+   (param, state...) aliased with the inputs, so the kernel updates them in place. */
+XLA_FFI_Error* {name}_ffi(XLA_FFI_CallFrame* frame) {{
+    for (XLA_FFI_Extension_Base* ext = frame->extension_start; ext; ext = ext->next) {{
+        if (ext->type == XLA_FFI_Extension_Metadata) {{
+            XLA_FFI_Metadata* meta = ((XLA_FFI_Metadata_Extension*)ext)->metadata;
+            meta->api_version.major_version = XLA_FFI_API_MAJOR;
+            meta->api_version.minor_version = XLA_FFI_API_MINOR;
+            meta->traits = 0;
+            return NULL;
+        }}
+    }}
+    if (frame->stage != XLA_FFI_ExecutionStage_EXECUTE) return NULL;
+    XLA_FFI_Buffer** args = (XLA_FFI_Buffer**)frame->args.args;
+    XLA_FFI_Buffer** rets = (XLA_FFI_Buffer**)frame->rets.rets;
+    const double* params = (const double*)args[0]->data;
+    XLA_FFI_Buffer* p = rets[0];
+    int64_t numel = 1;
+    for (int64_t d = 0; d < p->rank; d++) numel *= p->dims[d];
+    int64_t rows = p->rank >= 2 ? p->dims[0] : 1;
+    int64_t cols = rows > 0 ? numel / rows : 0;
+    int nthreads = (int)params[{threads_index}];
+    {name}((const double*)params, rows, cols, nthreads{pointers});
+    return NULL;
+}}
+"""
+
+
+def ffi_source(program: Program) -> str:
+    """The XLA FFI handler that runs ``program``'s kernel from jax (refopt.optax): inputs in the
+    order (params, param, grad, buffers...), outputs param and buffers aliased with them."""
+    ret_index = {name: i for i, name in enumerate(["param", *[n for n in program.inputs if n not in ("param", "grad")]])}
+    pointers = "".join(f", args[2]->data" if name == "grad" else f", rets[{ret_index[name]}]->data"
+                       for name in program.inputs)
+    return FFI_HANDLER.format(name=program.name, threads_index=len(program.params), pointers=pointers)

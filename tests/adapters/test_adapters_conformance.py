@@ -81,6 +81,7 @@ def test_optax_adapter_passes_the_float64_vectors(factory, capsys):
 def test_optax_rowblocked_dope_path_passes_the_vectors(monkeypatch, capsys):
     """The large-leaf DOPE path of refopt.optax, forced onto every vector leaf of 2 or more axes."""
     optax_adapter = pytest.importorskip("refopt.optax")
+    monkeypatch.setattr(optax_adapter, "_fused_leaf", lambda opt, p: False)  # the walk backs up the kernel
     monkeypatch.setattr(optax_adapter._rowblock, "MIN_NUMEL", 1)
     taken = []
     real = optax_adapter._rowblock.step
