@@ -46,7 +46,7 @@ class DType:
 
 @dataclass(eq=False)
 class Node:
-    op: str                  # see c_source.EMIT for the elementwise ones
+    op: str                  # see c_source.Program.expr (triton_source.Kernels.expr) for the elementwise ones
     args: tuple
     dtype: str               # a name of FLOATS, "int32", "int64", "bool", "weak", "weak_int"
     scope: int
