@@ -20,7 +20,7 @@ import threading
 
 from .build import CompilerUnavailable, load
 from .c_source import Program
-from .symbolic import TraceError, evaluate, trace
+from .symbolic import TraceError, guards_hold, trace
 
 __all__ = ["Kernel", "kernel_for", "TraceError", "CompilerUnavailable", "available"]
 
@@ -44,10 +44,7 @@ class Kernel:
             [ctypes.c_void_p] * len(self.inputs)
 
     def valid_for(self, values: dict) -> bool:
-        try:
-            return all(bool(evaluate(node, values)) == expected for node, expected in self.guards)
-        except KeyError:
-            return False
+        return guards_hold(self.guards, values)
 
     def __call__(self, pointers: dict, rows: int, cols: int, values: dict, threads: int) -> None:
         args = (ctypes.c_double * max(len(self.params), 1))(*[float(values[p]) for p in self.params])
@@ -74,22 +71,30 @@ def _config(optimizer, ndim: int, dtype: str):
     return (type(optimizer), optimizer.quirks, static, min(ndim, 2), dtype)
 
 
-def kernel_for(optimizer, ndim: int, dtype: str, rows: int, cols: int) -> Kernel:
+def kernel_for(optimizer, ndim: int, dtype: str, rows: int, cols: int, *, target: str = "c"):
     """The kernel for ``optimizer`` on a parameter of ``ndim`` dims (viewed as rows x cols) and
-    dtype ``dtype``; traced and compiled on first use. Raises TraceError when the configuration
-    cannot be fused (e.g. a ``clip_lambda`` that is not arithmetic on its argument) and
-    CompilerUnavailable without a C compiler."""
+    dtype ``dtype``: a C ``Kernel`` (``target="c"``) or a ``gpu.TritonKernel`` (``"triton"``);
+    traced and compiled on first use. Raises TraceError when the configuration cannot be fused
+    (e.g. a ``clip_lambda`` that is not arithmetic on its argument), CompilerUnavailable without
+    a C compiler, gpu.TritonUnavailable without triton."""
+    if target not in ("c", "triton"):
+        raise ValueError(f"target must be 'c' or 'triton', got {target!r}")
     _check_traceable(optimizer)
     values = values_of(optimizer, 1, rows, cols)
-    key = _config(optimizer, ndim, dtype)
+    key = (target, *_config(optimizer, ndim, dtype))
     with _LOCK:
         for kernel in _KERNELS.get(key, ()):
             if kernel.valid_for(values):
                 return kernel
     traced = trace(optimizer, min(ndim, 2), dtype, {"rows": rows, "cols": cols})
-    program = Program(traced, name=f"refopt_{optimizer.facts.key}_step")
-    source = program.source()
-    kernel = Kernel(traced, program, source, load(source, f"{optimizer.facts.key}-{dtype}"))
+    if target == "triton":
+        from . import gpu
+
+        kernel = gpu.build(optimizer, traced, dtype)
+    else:
+        program = Program(traced, name=f"refopt_{optimizer.facts.key}_step")
+        source = program.source()
+        kernel = Kernel(traced, program, source, load(source, f"{optimizer.facts.key}-{dtype}"))
     with _LOCK:
         _KERNELS.setdefault(key, []).append(kernel)
     return kernel

@@ -13,11 +13,13 @@ still needs the old contents of its array (then in the last sweep); later sweeps
 Loops. Within a sweep, rows (the leading axis; A1/A2 reduce each row) are processed one at a
 time: a *row* reduction (the trailing-axes means and stds of A1/A2, D10's mean) is one loop over
 the row, the row being in cache, before the loops that use it (a *pass*); the last loop computes
-the sweep's global sums and writes its outputs. A value computed in one loop of a row and needed
-in a later one comes back from its array when it is an output already written, else is computed
-again, or (``row_buffers=True``, the C kernel's choice for values that are not cheap) is kept in
-a per-thread row buffer. An output whose old contents a later loop reads is written in the last
-loop. Row results are kept for later sweeps, in a rows x slots table.
+the sweep's global sums. An output is written in the first loop that can compute it (the C
+kernel's choice) or in the last (``early_writes=False``, the Triton kernels', whose loops do not
+read what another loop wrote), and in the last whenever a later loop reads its old contents. A
+value computed in one loop of a row and needed in a later one comes back from its array when it
+is an output already written, else is computed again, or (``row_buffers=True``, the C kernel's
+choice for values that are not cheap) is kept in a per-thread row buffer. Row results are kept
+for later sweeps, in a rows x slots table.
 """
 from __future__ import annotations
 
@@ -87,11 +89,14 @@ class Sweep:
 
 
 class Schedule:
-    """The schedule of ``traced`` (a symbolic.Traced); ``row_buffers``: whether values reused
-    across the loops of a row may be kept in row buffers (else they are computed again)."""
+    """The schedule of ``traced`` (a symbolic.Traced). ``row_buffers``: whether values reused
+    across the loops of a row may be kept in row buffers (else they are computed again);
+    ``early_writes``: whether an output may be written in the first loop of its sweep that can
+    compute it and read back by the later ones (else every output is written in the last loop,
+    and later loops compute again from the old contents: no loop reads what another wrote)."""
 
-    def __init__(self, traced, *, row_buffers: bool = True, ctype=None):
-        self.traced, self.row_buffers = traced, row_buffers
+    def __init__(self, traced, *, row_buffers: bool = True, early_writes: bool = True, ctype=None):
+        self.traced, self.row_buffers, self.early_writes = traced, row_buffers, early_writes
         self._ctype = ctype or (lambda dtype: dtype)  # a buffer's element type, for the emitter
         self.inputs = list(traced.trace.inputs)           # arrays, in argument order
         self.params = list(traced.trace.params)           # run-time values, in argument order
@@ -225,7 +230,7 @@ class Schedule:
         first = {}
         for name, value in outs:
             needs = {id(r) for r in walk([value], stop=lambda x: is_reduction(x, "row")) if is_reduction(r, "row")}
-            first[name] = next(i for i, avail in enumerate(ready_at) if needs <= avail)
+            first[name] = next(i for i, avail in enumerate(ready_at) if needs <= avail) if self.early_writes else last
         value_of = {id(value): name for name, value in outs}
         while True:
             loops, conflict = self._assign(passes, globals_, outs, first, value_of, last), None

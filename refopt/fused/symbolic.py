@@ -332,6 +332,14 @@ def evaluate(node: Node, values: dict):
     return ops[node.op](*args)
 
 
+def guards_hold(guards, values: dict) -> bool:
+    """Whether every recorded guard evaluates as when traced (a kernel is valid for ``values``)."""
+    try:
+        return all(bool(evaluate(node, values)) == expected for node, expected in guards)
+    except KeyError:
+        return False
+
+
 @dataclass
 class Traced:
     """The outputs of one traced ``_update``: name -> Node, plus what the trace recorded."""

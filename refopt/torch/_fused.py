@@ -1,5 +1,6 @@
 """refopt.torch's fused path: each CPU parameter stepped by one compiled kernel (refopt.fused),
-in place, without temporaries of the parameter's size.
+in place, without temporaries of the parameter's size; CUDA parameters by refopt.fused's Triton
+kernels of the same schedule (_triton.py).
 
 The kernel is the core's own step (the clause functions of refopt.common/saveus/dope, traced and
 compiled to C), so per element it computes what the core computes; it reads the gradient and
@@ -15,6 +16,7 @@ import warnings
 import torch
 
 from .. import fused
+from . import _triton
 
 DTYPES = {torch.float16: "float16", torch.bfloat16: "bfloat16", torch.float32: "float32",
           torch.float64: "float64"}
@@ -40,15 +42,41 @@ def available() -> bool:
 
 def takes(p, grad, state, buffers) -> bool:
     """Whether parameter ``p`` can be stepped by a kernel (decided from metadata only)."""
-    if type(p) not in (torch.Tensor, torch.nn.Parameter) or p.device.type != "cpu" or p.dtype not in DTYPES:
+    if type(p) not in (torch.Tensor, torch.nn.Parameter) or p.dtype not in DTYPES:
         return False
     tensors = (p, grad, *(state[k] for k in buffers))
     return all(type(t) in (torch.Tensor, torch.nn.Parameter) and t.is_contiguous() and t.dtype == p.dtype
                for t in tensors)
 
 
-def step(core, params, grads, states, buffers, t: int, lr: float, threads: int, required: bool) -> list:
-    """Step every parameter a kernel can take; returns the indices of the others."""
+def unavailable_reason(device) -> str | None:
+    """Why parameters on ``device`` cannot take the fused path here, or None."""
+    if _triton.takes_device(device):
+        return _triton.unavailable_reason()
+    if device.type != "cpu":
+        return f"no fused kernels for {device.type} parameters (CPU: C, CUDA: Triton)"
+    return None if available() else _UNAVAILABLE[0]
+
+
+def check_required(param_groups) -> None:
+    """fused=True: RuntimeError unless every parameter's device has a fused path here."""
+    for device in {p.device for group in param_groups for p in group["params"]}:
+        reason = unavailable_reason(device)
+        if reason:
+            raise RuntimeError(f"refopt.torch: fused=True, but parameters on {device} cannot be fused here ({reason})")
+
+
+def step(core, params, grads, states, buffers, t: int, lr, threads: int, required: bool) -> list:
+    """Step every parameter a kernel can take; returns the indices of the others. The parameters
+    share a device; ``lr`` is a float, or (CUDA) a 0-d float64 tensor on that device."""
+    device = params[0].device
+    reason = unavailable_reason(device)
+    if reason:
+        if required:
+            raise RuntimeError(f"refopt.torch: fused=True, but parameters on {device} cannot be fused here ({reason})")
+        return list(range(len(params)))
+    if _triton.takes_device(device):
+        return _triton.step(core, params, grads, states, buffers, t, lr, required, takes)
     rest = []
     for i, (p, grad, st) in enumerate(zip(params, grads, states)):
         if not takes(p, grad, st, buffers):

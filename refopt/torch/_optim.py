@@ -134,9 +134,6 @@ class TorchOptimizer(torch.optim.Optimizer):
             raise ValueError(f"cpu_threads must be None or a positive int, got {cpu_threads!r}")
         if fused is not None and not isinstance(fused, bool):
             raise TypeError(f"fused must be None, True or False, got {fused!r}")
-        if fused and not _fused.available():
-            raise RuntimeError(f"refopt.torch: fused=True, but kernels cannot be built here "
-                               f"({_fused._UNAVAILABLE[0]})")
         self._cpu_threads = cpu_threads
         self._fused = fused
         defaults = dict(hparams, **options)
@@ -144,6 +141,8 @@ class TorchOptimizer(torch.optim.Optimizer):
         defaults[FORMAT_KEY] = self._format_tag()
         self._scratch = _plan.Scratch()
         super().__init__(params, defaults)
+        if fused:
+            _fused.check_required(self.param_groups)
 
     def __getstate__(self):  # pickling, deepcopy: torch keeps defaults, state, groups; and this
         return dict(super().__getstate__(), _cpu_threads=self._cpu_threads, _fused=self._fused)
@@ -270,8 +269,7 @@ class TorchOptimizer(torch.optim.Optimizer):
                 for k in self.BUFFERS:
                     st[k] = torch.zeros_like(p, memory_format=torch.preserve_format)
         live = [p for p in params if p.numel()]  # A6: empty tensors only count the step
-        if live and self._fused is not False and live[0].device.type == "cpu" and \
-                not isinstance(scalars["lr"], torch.Tensor) and _fused.available():
+        if live and self._fused is not False:
             rest = _fused.step(core, live, [p.grad for p in live], [self.state[p] for p in live], self.BUFFERS,
                                t, scalars["lr"], torch.get_num_threads(), bool(self._fused))
             live = [live[i] for i in rest]
