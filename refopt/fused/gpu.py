@@ -168,3 +168,25 @@ def build(optimizer, traced, dtype: str) -> TritonKernel:
     program = TritonProgram(traced, name=f"refopt_{optimizer.facts.key}")
     source = program.source()
     return TritonKernel(traced, program, source, load_module(source, f"{optimizer.facts.key}_{dtype}"))
+
+
+def compile_ahead(kernel: TritonKernel, dtype: str, r: int, c: int, capability: int = 90) -> list:
+    """The PTX of each sweep of ``kernel`` for a tensor of ``dtype`` and tiles of r x c, compiled
+    for an NVIDIA GPU of compute ``capability`` as a launch would (no GPU needed: Triton's
+    compiler and the ptxas it ships run on the CPU); the tests read it for approximate or fused
+    operations."""
+    triton = triton_module()
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+
+    pointer = {"float16": "*fp16", "bfloat16": "*i16", "float32": "*fp32", "float64": "*fp64"}[dtype]
+    signature = {"params": "*fp64", "rowvals": "*fp64", "totals": "*fp64", "partials": "*fp64", "rows": "i32",
+                 "cols": "i32", "chunk": "i32", **{f"in_{name}": pointer for name in kernel.inputs},
+                 "R": "constexpr", "C": "constexpr"}
+    out = []
+    for fn in kernel._kernels:
+        source = ASTSource(fn=fn, signature=signature, constexprs={"R": r, "C": c})
+        compiled = triton.compile(source, target=GPUTarget("cuda", capability, 32),
+                                  options={"enable_fp_fusion": False, "num_warps": GPU.num_warps})
+        out.append(compiled.asm["ptx"])
+    return out

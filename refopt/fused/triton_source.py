@@ -162,7 +162,7 @@ class TritonProgram:
         args = [*HEAD, *(f"in_{name}" for name in self.inputs), "R: tl.constexpr", "C: tl.constexpr"]
         head = self.sweeps[sweep.index]
         written = ", ".join(name for name, _ in sweep.outs) or "nothing"
-        lines = ["@triton.jit",
+        lines = ['@triton.jit(do_not_specialize=["rows"])',  # one compilation for any number of rows
                  f"def {head['kernel']}({', '.join(args)}):",
                  f'    """Sweep {sweep.index + 1} of {self.n_sweeps}: {len(sweep.passes)} row pass(es), '
                  f'{len(sweep.globals)} global reduction(s), writes {written}."""',

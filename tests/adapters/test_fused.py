@@ -34,7 +34,9 @@ SHAPES = [(), (7,), (4, 1), (3, 5), (2, 3, 4), (9, 33)]
 BOUND = {"float64": 1e-13, "float32": 1e-4}
 
 
-def _runs(opt, shape, dtype, steps=3):
+def core_runs(opt, shape, dtype, steps=3):
+    """(starting parameter, gradients, the core's [param, *buffers] after each step), seeded by
+    the case; tests/adapters/triton_interpreted.py runs the Triton kernels on the same."""
     rng = np.random.default_rng(zlib.crc32(repr((repr(opt), shape, dtype)).encode()))
     dt = np_dtype(dtype)
     p0 = rng.standard_normal(shape).astype(dt)
@@ -45,6 +47,12 @@ def _runs(opt, shape, dtype, steps=3):
         for g in grads:
             p, st = opt.step(p, g, st)
             core.append([p] + [np.asarray(st[k]) for k in opt.facts.buffers])
+    return p0, grads, core
+
+
+def _runs(opt, shape, dtype, steps=3):
+    p0, grads, core = core_runs(opt, shape, dtype, steps)
+    dt = np_dtype(dtype)
     rows = shape[0] if len(shape) >= 2 else 1
     cols = math.prod(shape) // rows
     kernel = fused.kernel_for(opt, len(shape), dtype, rows, cols)
@@ -59,18 +67,23 @@ def _runs(opt, shape, dtype, steps=3):
     return core, compiled
 
 
-def _check(opt, shape, dtype):
-    core, compiled = _runs(opt, shape, dtype)
-    for want_step, got_step in zip(core, compiled):
-        for want, got in zip(want_step, got_step):
-            w, g = want.astype(np.float64), got.astype(np.float64)
+def compare(core, got, dtype, bound=BOUND):
+    """Per element: NaN where the core has NaN; 16-bit results equal; float32/float64 within
+    ``bound`` of the tensor's scale."""
+    for want_step, got_step in zip(core, got):
+        for want, have in zip(want_step, got_step):
+            w, g = want.astype(np.float64), have.astype(np.float64)
             np.testing.assert_array_equal(np.isnan(w), np.isnan(g))
             if dtype in ("bfloat16", "float16"):
                 np.testing.assert_array_equal(w, g)  # 16-bit: every sum rounds to float32 both ways
                 continue
             finite = np.isfinite(w)
             scale = max(float(np.max(np.abs(w[finite]), initial=0.0)), 1e-300)
-            assert float(np.max(np.abs(w[finite] - g[finite]), initial=0.0)) <= BOUND[dtype] * scale
+            assert float(np.max(np.abs(w[finite] - g[finite]), initial=0.0)) <= bound[dtype] * scale
+
+
+def _check(opt, shape, dtype):
+    compare(*_runs(opt, shape, dtype), dtype)
 
 
 @pytest.mark.parametrize("shape,dtype", [((9, 33), "float32"), ((9, 33), "bfloat16"), ((7,), "float64"),
