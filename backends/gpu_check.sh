@@ -1,10 +1,11 @@
 #!/usr/bin/env bash
-# One command for a GPU machine (no network): the conformance suite on the GPU backends, the GPU
-# tests and a quick bandwidth + step-time measurement, in under 5 minutes (stage limits add up to
-# 5.5 minutes at worst; a normal run takes about 3). Log: $OUT/gpu_check.log
-# ($OUT defaults to ./gpu_check_out). Exit 0 all passed; 1 a stage failed; 2 a Python dependency
-# is missing; 3 no GPU. GPU_CHECK_DRY_RUN=1 runs every stage on CPU stand-ins (a self-check of
-# this script). See backends/README.md (wheel folder .whl/, what each stage checks).
+# One command for a GPU machine (no network): the conformance suite on the GPU backends and on
+# refopt.torch's Triton kernels, the GPU tests, and step times against AdamW(fused=True), within a
+# 15-minute device budget (stage limits add up to 12 minutes at worst; a normal run takes about
+# 6). Log: $OUT/gpu_check.log ($OUT defaults to ./gpu_check_out). Exit 0 all passed; 1 a stage
+# failed; 2 a Python dependency is missing; 3 no GPU. GPU_CHECK_DRY_RUN=1 runs every stage on CPU
+# stand-ins (a self-check of this script). See backends/README.md (wheel folder .whl/, what each
+# stage checks).
 set -uo pipefail
 ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
 cd "$ROOT"
@@ -91,10 +92,15 @@ EOF
 HAVE_GPU=$?
 DEVICE=cuda
 WORKLOADS=big
+TRITON_IDS=()   # every vector on the GPU; a sample in the dry run (Triton's interpreter is slow)
 if [ "${GPU_CHECK_DRY_RUN:-0}" = 1 ]; then
   # Self-check of this script on a machine without a GPU: every stage, on CPU stand-ins.
-  echo "GPU_CHECK_DRY_RUN=1: running the stages on CPU stand-ins (numpy backend, tiny workload)"
+  echo "GPU_CHECK_DRY_RUN=1: running the stages on CPU stand-ins (numpy backend, tiny workload,"
+  echo "  Triton's interpreter on CPU tensors for the Triton stages)"
   BACKENDS=numpy DEVICE=cpu WORKLOADS=tiny
+  export TRITON_INTERPRET=1 REFOPT_TRITON_ON_CPU=1
+  TRITON_IDS=(--no-multi-tensor --ids "$("$PY" -c "from refopt.conformance import load, runner
+print(','.join(v.id for v in runner.sample(load(dtype=['float32']), per_group=1)))")")
 elif [ $HAVE_GPU -ne 0 ] || [ -z "$BACKENDS" ]; then
   echo "!! no GPU: none of torch-cuda, cupy, jax-gpu is usable here; nothing to check"
   echo "   (GPU_CHECK_DRY_RUN=1 runs the stages on CPU stand-ins to check this script)"
@@ -114,10 +120,23 @@ if [[ " $BACKENDS " == *" jax "* ]]; then
   run "conformance (refopt check --backend jax --dtype float32)" 75 "$PY" -m refopt.cli check -q \
     --backend jax --dtype float32 --report "$OUT/check_jax_gpu.json"
 fi
-run "GPU tests" 75 "$PY" -m pytest -q -p no:cacheprovider -rs tests/adapters/test_gpu.py \
-  --junitxml "$OUT/test_gpu.xml"
+# refopt.torch's fused path on CUDA: Triton kernels, compiled first for every vector's configuration
+# in parallel (~600 compilations of 1-3 s each; the check then reads Triton's cache), then every
+# vector through them (fused=True ports: a parameter they cannot take fails rather than stepping
+# eagerly), alone and in the multi-tensor run.
+run "Triton kernels: compile for every vector" 240 "$PY" backends/triton_warmup.py --device "$DEVICE"
+run "refopt.torch on $DEVICE through the Triton kernels (refopt check)" 150 "$PY" -m refopt.cli check -q \
+  --port torch:backends/triton_ports.py:DOPEFused --port torch:backends/triton_ports.py:SAVEUSFused \
+  --device "$DEVICE" --report "$OUT/check_triton.json" "${TRITON_IDS[@]}"
+run "GPU tests" 120 "$PY" -m pytest -q -p no:cacheprovider -rs tests/adapters/test_gpu.py \
+  tests/adapters/test_triton.py --junitxml "$OUT/test_gpu.xml"
 run "bandwidth and step time" 110 "$PY" benchmarks/run.py --quick --device "$DEVICE" --no-check \
   --workloads "$WORKLOADS" --timeout 50
+# The issue-13 target on a GPU: refopt.torch DOPE <= 3x torch.optim.AdamW(fused=True), full-size
+# workloads (one 4096x4096 tensor; a 121-tensor transformer), interleaved rounds in one process.
+run "refopt.torch against AdamW(fused=True), full size" 150 "$PY" benchmarks/run.py --device "$DEVICE" \
+  --libraries torch --workloads "$( [ "$DEVICE" = cuda ] && echo big,transformer || echo tiny )" --rounds 5 \
+  --no-check --timeout 120
 
 stage "summary"
 echo "took $((SECONDS - STARTED)) s; log $OUT/gpu_check.log"

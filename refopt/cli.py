@@ -7,6 +7,8 @@ some could not be run because the port lacks a hyperparameter they need.
 from __future__ import annotations
 
 import argparse
+import contextlib
+import os
 import sys
 import time
 import warnings
@@ -89,6 +91,9 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--no-multi-tensor", action="store_true",
                    help="skip the multi-tensor run of a torch port (its vectors' tensors together in one optimizer, "
                         "over param groups; by default run after the single-tensor one)")
+    c.add_argument("--device", metavar="DEVICE",
+                   help="the torch device a torch port's parameters live on (default cpu; e.g. cuda, cuda:1): "
+                        "checks a port's GPU path. Sets REFOPT_TORCH_DEVICE for the run, which the workers read")
     c.add_argument("--in-process", action="store_true",
                    help="run a Python port in refopt's own process instead of a worker (to debug it with "
                         "breakpoints; an exit, crash or hang of the port then ends the run)")
@@ -221,6 +226,13 @@ def check(args) -> int:
     vecs = _select(args)
     if args.self_test:
         return _self_test(args, vecs, t0)
+    with _torch_device(args):
+        return _check(args, vecs, t0)
+
+
+def _check(args, vecs, t0) -> int:
+    from .conformance import diagnose, report, runner
+
     targets = _targets(args)
     try:
         pairs = runner.plan(vecs, targets)
@@ -289,8 +301,38 @@ def _fuzz(args, t0) -> int:
     return EXIT_FAIL if failed else EXIT_OK
 
 
+@contextlib.contextmanager
+def _torch_device(args):
+    """``--device``: REFOPT_TORCH_DEVICE for the run (torch ports' workers inherit it), restored after."""
+    if not args.device:
+        yield
+        return
+    from .conformance.adapters import DEVICE_VARIABLE
+
+    if not args.port or not all(spec.startswith("torch:") for spec in args.port):
+        raise ConfigError("--device needs --port torch:MODULE:CLASS (the device of a torch port's parameters)")
+    try:
+        import torch
+
+        device = torch.device(args.device)
+        if device.type == "cuda" and not torch.cuda.is_available():
+            raise RuntimeError("torch has no CUDA device here")
+        torch.empty(0, device=device)
+    except Exception as exc:  # noqa: BLE001 - not a device name, or not usable here
+        raise ConfigError(f"--device {args.device}: {exc}") from None
+    old = os.environ.get(DEVICE_VARIABLE)
+    os.environ[DEVICE_VARIABLE] = args.device
+    try:
+        yield
+    finally:
+        if old is None:
+            os.environ.pop(DEVICE_VARIABLE, None)
+        else:
+            os.environ[DEVICE_VARIABLE] = old
+
+
 def _port_args(args) -> tuple:
-    out = []
+    out = ["--device", args.device] if args.device else []
     if args.optimizer and args.port:
         out += ["--optimizer", ",".join(args.optimizer)]
     if args.hparam_map:

@@ -26,6 +26,8 @@ from .protocol import Case, StepResult, hparams_from_json
 from .targets import STATE_NAMES, ConfigError, PortFailure, SkipVector, call_port, step_count
 
 KINDS = ("torch", "optax", "python")
+#: The torch device a torch port's parameters are created on (default cpu); `refopt check --device` sets it.
+DEVICE_VARIABLE = "REFOPT_TORCH_DEVICE"
 #: Constructor/function parameters through which a port takes refopt's profile and quirks.
 CONFIG_NAMES = ("profile", "quirks")
 
@@ -292,7 +294,8 @@ class TorchAdapter(Adapter):
             raise ConfigError(f"--port {name}: {cls!r} is not a torch.optim.Optimizer subclass")
         from .backends import torch_backend
 
-        self.torch, self.cls, self.backend = torch, cls, torch_backend("cpu")
+        self.device = os.environ.get(DEVICE_VARIABLE) or "cpu"
+        self.torch, self.cls, self.backend = torch, cls, torch_backend(self.device)
         self.hparams, self.configurable = accepted(cls, skip=("params",))
         self.optimizers = infer_optimizers(cls.__name__)
 

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import hashlib
 import importlib.util
+import os
 import sys
 import threading
 from dataclasses import dataclass
@@ -49,7 +50,11 @@ def available() -> bool:
 
 def interpreting() -> bool:
     """Whether triton runs kernels in its interpreter (on CPU tensors) in this process."""
-    return bool(triton_module().knobs.runtime.interpret)
+    triton = triton_module()
+    try:
+        return bool(triton.knobs.runtime.interpret)
+    except AttributeError:  # triton < 3.4
+        return os.environ.get("TRITON_INTERPRET", "0") == "1"
 
 
 def load_module(source: str, name: str):

@@ -29,8 +29,7 @@ from __future__ import annotations
 import math
 
 from .schedule import Schedule, deps, is_reduction, walk
-from .symbolic import SCALAR
-from .symbolic import FLOATS, Node, TraceError
+from .symbolic import FLOATS, SCALAR, Node, TraceError
 
 TTYPE = {"float16": "tl.float32", "bfloat16": "tl.float32", "float32": "tl.float32", "float64": "tl.float64",
          "weak": "tl.float64", "weak_int": "tl.int64", "int32": "tl.int32", "int64": "tl.int64", "bool": "tl.int1"}
@@ -55,7 +54,11 @@ PRELUDE = '''\
 import triton
 import triton.language as tl
 
-INTERPRET = bool(triton.knobs.runtime.interpret)
+try:
+    INTERPRET = bool(triton.knobs.runtime.interpret)
+except AttributeError:  # triton < 3.4
+    import os
+    INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
 
 
 @triton.jit
@@ -83,9 +86,10 @@ else:
 
 
 class TritonProgram:
-    """The Triton module of one traced step: one kernel per sweep (``sweep_kernels``), and what
-    the host needs to run them (``sweeps``: per sweep, its kernel's name, the indices in the
-    totals vector of the global reductions it closes, whether its columns may be split)."""
+    """The Triton module of one traced step (``source()``): one kernel per sweep, and what the
+    host needs to run them (``sweeps``: per sweep, its kernel's name, the indices in the totals
+    vector of the global reductions it closes, whether a row's columns may be split between
+    programs: no row reduction in it)."""
 
     def __init__(self, traced, name: str = "refopt_step"):
         self.traced, self.name = traced, name

@@ -82,16 +82,19 @@ ADAPTER_NOTES = """
       results are those of eager mode; ``fullgraph=True`` cannot include it. For one graph,
       compile the core's pure step: ``torch.compile(refopt.DOPE().step, fullgraph=True)``.
 
-    The fused path (CPU). A plain, contiguous CPU parameter is stepped by one compiled kernel:
-    the core's own clause functions traced and compiled to C (refopt.fused; built with the
-    system C compiler on first use and cached in ``~/.cache/refopt/kernels``). It reads the
-    gradient once per sweep over the tensor (one sweep for SAVEUS with per-channel
-    normalization, three for DOPE: its D3 norm and D12 count are whole-tensor), writes the
-    parameter and state in place, keeps no temporary of the parameter's size, and computes per
-    element what the core computes (sums in another order). ``fused`` (default None: where
-    possible; True: raise if a CPU parameter cannot be fused; False: never) chooses; without a
-    compiler, or for a ``clip_lambda`` that is not arithmetic on its argument, parameters take
-    the eager kernels (``torch._foreach_*`` ops in the reference's order), as on other devices.
+    The fused path. A plain, contiguous CPU parameter is stepped by one compiled kernel: the
+    core's own clause functions traced and compiled to C (refopt.fused; built with the system C
+    compiler on first use and cached in ``~/.cache/refopt/kernels``); a CUDA parameter by Triton
+    kernels of the same schedule (one launch per sweep; triton ships with CUDA builds of torch;
+    compiled on first use, ~1-3 s per kernel, and cached by Triton). It reads the gradient once
+    per sweep over the tensor (one sweep for SAVEUS with per-channel normalization, three for
+    DOPE: its D3 norm and D12 count are whole-tensor), writes the parameter and state in place,
+    keeps no temporary of the parameter's size, and computes per element what the core computes
+    (sums in another order); on CUDA without a host sync, a tensor ``lr`` included. ``fused``
+    (default None: where possible; True: raise if a parameter cannot be fused, e.g. on a device
+    other than CPU and CUDA, or without a C compiler / triton; False: never) chooses; otherwise,
+    or for a ``clip_lambda`` that is not arithmetic on its argument, parameters take the eager
+    kernels (``torch._foreach_*`` ops in the reference's order).
 
     Options: ``profile`` and ``quirks`` as in the core; ``foreach`` (eager kernels: None or True
     group small tensors into multi-tensor ``torch._foreach_*`` calls; False, one tensor at a
@@ -504,7 +507,7 @@ def _class_doc(cls) -> str:
                "(None, True) or step one tensor at a time (False).\n"
                "    maximize, differentiable (False): accepted as False only (see below).\n"
                "    cpu_threads (int | None, default None): threads for a CPU step (see below).\n"
-               "    fused (bool | None, default None): the compiled CPU kernels (see below).")
+               "    fused (bool | None, default None): the compiled CPU/CUDA kernels (see below).")
     parts = [head, "    params: an iterable of tensors or of parameter-group dicts, as for any torch.optim "
                    "optimizer.", _docs.args_section(facts, extra=options),
              _docs.update_section(facts, cls.Core.UPDATE), _docs.state_section(facts).replace(

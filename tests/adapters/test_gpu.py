@@ -201,3 +201,74 @@ def test_optax_on_gpu_matches_numpy_core():
         want, _ = opt.step(v, grads[k], opt.init(v))
         assert list(updates[k].devices())[0].platform == "gpu"
         _assert_close(np.asarray(p[k] + updates[k]), want, 1e-12)
+
+
+# ---- refopt.torch's fused path on CUDA: the Triton kernels of refopt.fused ----------------------
+
+def _torch_triton():
+    torch = _torch()
+    pytest.importorskip("triton")
+    from refopt.fused import gpu
+
+    if gpu.interpreting():
+        pytest.skip("triton is interpreting in this process")
+    return torch
+
+
+def _torch_fused(torch, cls, hp, shape, dtype, lr_on_device, guard_from=1, steps=3):
+    """refopt.torch with fused=True on a CUDA parameter, ``steps`` steps from the _run data;
+    from step ``guard_from`` on (after the first, which compiles) any host sync raises."""
+    import refopt.torch as rt
+    from refopt.fused import gpu
+
+    rng = np.random.default_rng(0)
+    p0 = rng.standard_normal(shape).astype(dtype)
+    gs = [rng.standard_normal(shape).astype(dtype) for _ in range(steps)]
+    hp = dict(hp)
+    lr = hp.pop("lr", cls.facts.hparam("lr").default)
+    param = torch.nn.Parameter(torch.from_numpy(p0).cuda())
+    opt = getattr(rt, cls.facts.name)([param], lr=torch.tensor(lr, dtype=torch.float64, device="cuda")
+                                      if lr_on_device else lr, fused=True, **hp)
+    launches = []
+    real = gpu.TritonKernel.__call__
+    gpu.TritonKernel.__call__ = lambda *a, **k: launches.append(1) or real(*a, **k)
+    try:
+        for k, g in enumerate(gs):
+            param.grad = torch.from_numpy(g).cuda()
+            torch.cuda.set_sync_debug_mode("error" if k >= guard_from else "default")
+            try:
+                opt.step()
+            finally:
+                torch.cuda.set_sync_debug_mode("default")
+    finally:
+        gpu.TritonKernel.__call__ = real
+    assert len(launches) == steps, "the step did not go through the Triton kernels"
+    return param.detach().cpu().numpy(), p0, gs
+
+
+@pytest.mark.parametrize("lr_on_device", [False, True], ids=["float-lr", "device-lr"])
+@pytest.mark.parametrize("cls,hp", CONFIGS, ids=IDS)
+@pytest.mark.parametrize("dtype,rel", [(np.float64, 1e-12), (np.float32, 1e-5)], ids=["f64", "f32"])
+def test_torch_triton_path_matches_numpy_without_sync(cls, hp, dtype, rel, lr_on_device):
+    torch = _torch_triton()
+    for shape in SHAPES:
+        got, p0, gs = _torch_fused(torch, cls, hp, shape, dtype, lr_on_device)
+        opt = cls(**hp)
+        want, st = p0, opt.init(p0)
+        for g in gs:
+            want, st = opt.step(want, g, st)
+        _assert_close(got, want, rel)
+
+
+@pytest.mark.parametrize("cls,hp", CONFIGS[::2], ids=IDS[::2])
+def test_torch_triton_step_does_not_wait_for_the_queue(cls, hp):
+    torch = _torch_triton()
+    import refopt.torch as rt
+
+    rng = np.random.default_rng(0)
+    x = torch.from_numpy(rng.standard_normal((4096, 4096), dtype=np.float32)).cuda()
+    param = torch.nn.Parameter(torch.from_numpy(rng.standard_normal((1024, 256), dtype=np.float32)).cuda())
+    param.grad = torch.full_like(param, 0.5)
+    opt = getattr(rt, cls.facts.name)([param], fused=True, **hp)
+    host, queue = _queue_test(_busy(torch.matmul, x), opt.step, lambda _: torch.cuda.synchronize())
+    assert host < 0.5 * queue, f"step took {host:.3f} s behind a {queue:.3f} s queue: it synchronised"

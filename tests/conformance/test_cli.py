@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import os
 import pathlib
 import shutil
 import subprocess
@@ -59,3 +60,43 @@ def test_node_example_reads_a_vector(committed):
     n = len(got["first_expected"])
     assert got["first_expected"] == [float(x) for x in v.steps[0].param.reshape(-1)[:n]]
     assert got["first_grad"] == [float(x) for x in v.steps[0].grad.astype("float64").reshape(-1)[:n]]
+
+
+DEVICE_PORT = """
+import refopt.torch
+
+SEEN = []
+
+
+class SeenDOPE(refopt.torch.DOPE):
+    def step(self, closure=None):
+        SEEN.extend(str(p.device) for g in self.param_groups for p in g["params"])
+        return super().step(closure)
+"""
+
+
+def test_device_option_puts_a_torch_ports_parameters_there(committed, capsys, monkeypatch, tmp_path):
+    pytest.importorskip("torch")
+    from refopt.conformance.adapters import DEVICE_VARIABLE
+
+    (tmp_path / "seen_port.py").write_text(DEVICE_PORT)
+    monkeypatch.syspath_prepend(str(tmp_path))
+    monkeypatch.delenv(DEVICE_VARIABLE, raising=False)
+    one = next(v.id for v in committed if v.optimizer == "dope")
+    code = cli.main(["check", "--port", "torch:seen_port:SeenDOPE", "--device", "cpu", "--in-process", "-q",
+                     "--ids", one, "--no-multi-tensor"])
+    assert code == 0, capsys.readouterr().out
+    import seen_port
+
+    assert set(seen_port.SEEN) == {"cpu"}
+    assert DEVICE_VARIABLE not in os.environ  # restored after the run
+
+
+@pytest.mark.parametrize("argv,message", [
+    (["--backend", "numpy", "--device", "cpu"], "--device needs --port torch:"),
+    (["--port", "torch:refopt.torch:DOPE", "--device", "no-such-device"], "--device no-such-device"),
+])
+def test_device_option_errors(argv, message, capsys):
+    pytest.importorskip("torch")
+    assert cli.main(["check", *argv]) == 2
+    assert message in capsys.readouterr().err
