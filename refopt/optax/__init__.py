@@ -7,10 +7,14 @@
 
 Each leaf is stepped by the core (refopt.SAVEUS / refopt.DOPE), so per-tensor clauses (S1/S2,
 D1-D3, D10, D12) act per leaf, as the reference acts per parameter tensor. Under ``jax.jit`` with
-sharded inputs the core's reductions are global over each (sharded) leaf. On one CPU device, DOPE
-leaves of float32/float64 with at least ``_rowblock.MIN_NUMEL`` elements and ndim >= 2 take a
-row-blocked program built from the same clause functions (fewer passes over memory; equal to the
-core up to the summation order of its reductions; see ``_rowblock.py``).
+sharded inputs the core's reductions are global over each (sharded) leaf. On the CPU backend of one
+device (``fused=None``, the default) each floating leaf is stepped by refopt.fused's compiled kernel
+instead: the core's step traced and compiled to C, called as an XLA FFI custom call that updates the
+donated parameter and state in place; it equals the core up to the summation order of its
+reductions (within the vectors' budgets), and takes the hyperparameters as float64 with or without
+``jax_enable_x64``. Without a C compiler, large DOPE leaves (float32/float64, at least
+``_rowblock.MIN_NUMEL`` elements, ndim >= 2) take a row-blocked program built from the same clause
+functions (see ``_rowblock.py``), the rest the core.
 
 Learning rate. ``learning_rate`` (optax's name, first positional) and ``lr`` (the reference's
 name) are aliases; give at most one. It is a number or a schedule ``count -> lr`` where ``count``
@@ -124,7 +128,7 @@ def transform(cls: type[Optimizer], learning_rate: ScalarOrSchedule | None = Non
     ``hparams`` go to the core constructor, ``profile`` and ``quirks`` included. The step is
     jitted (also when called eagerly) except with ``check_finite=True``, which syncs with the host
     and so works only outside ``jax.jit``. ``fused`` (default None: where possible): on the CPU
-    backend of one device with ``jax_enable_x64``, each leaf is stepped by refopt.fused's compiled
+    backend of one device, each leaf is stepped by refopt.fused's compiled
     kernel, an XLA FFI custom call that updates the donated parameter and state in place
     (refopt/fused/jax_ffi.py); True raises where a leaf cannot be, False never uses it."""
     if fused is not None and not isinstance(fused, bool):
@@ -299,14 +303,14 @@ def _core_step(opt, p, g, state):
 
 
 def _leaf_step(opt, p, fused):
-    """How a leaf is stepped: the fused kernel (CPU, float64 scalars, one device) unless
+    """How a leaf is stepped: the fused kernel (CPU, one device) unless
     ``fused`` is False or the configuration cannot be fused; else the row-blocked walk for large
     DOPE leaves; else the core."""
     if fused is not False and p.size and not opt.check_finite and _fused_leaf(opt, p):
         return functools.partial(_fused_step, opt)
     if fused and p.size:  # an empty leaf only counts the step (A6): no kernel needed
         raise RuntimeError(f"refopt.optax: fused=True, but leaf {p.shape} {p.dtype} cannot take the fused kernel "
-                           "(it needs the CPU backend on one device, jax_enable_x64 and a C compiler)")
+                           "(it needs the CPU backend on one device and a C compiler)")
     return _rowblock.step if _rowblock.applies(opt, p) else _core_step
 
 

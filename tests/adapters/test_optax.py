@@ -1,7 +1,7 @@
 """refopt.optax: the core's numbers over pytrees, optax conventions, schedules, no retracing.
 
 The exactness tests run the core's own program (``fused=False``); the fused kernel (the default on
-one CPU device with x64) computes the same up to the order of its sums, checked at the end."""
+one CPU device) computes the same up to the order of its sums, checked at the end."""
 import functools
 
 import numpy as np
@@ -221,3 +221,42 @@ def test_fused_kernel_follows_the_core_with_a_schedule(cls, factory, hp):
                        make_tree(np.float64), grads, True)
     for k in SHAPES:
         assert_close(got[k], want[k], 1e-10)
+
+
+_WITHOUT_X64 = """
+import sys, numpy as np, jax, jax.numpy as jnp, refopt.optax as ro
+assert not jax.config.read("jax_enable_x64")
+p, gs = np.load(sys.argv[1]), np.load(sys.argv[2])
+for name in ("saveus", "dope"):
+    tx = getattr(ro, name)(1e-2, weight_decay=0.1, fused=True)
+    params = {"w": jnp.asarray(p)}
+    state = tx.init(params)
+    for g in gs:
+        params, state = tx.update.refopt_step({"w": jnp.asarray(g)}, state, params)
+    np.save(sys.argv[3] + name + ".npy", np.asarray(params["w"]))
+"""
+
+
+def test_fused_kernel_takes_float64_scalars_without_x64(tmp_path):
+    """Without jax_enable_x64 (JAX's default) the kernel still gets the hyperparameters as the
+    float64 numbers they are: its result equals the one under x64 bit for bit."""
+    import subprocess
+    import sys
+
+    from refopt import fused
+
+    if not fused.available():
+        pytest.skip("no C compiler")
+    rng = np.random.default_rng(5)
+    p, gs = rng.standard_normal((9, 7)).astype(np.float32), rng.standard_normal((3, 9, 7)).astype(np.float32)
+    np.save(tmp_path / "p.npy", p)
+    np.save(tmp_path / "g.npy", gs)
+    subprocess.run([sys.executable, "-c", _WITHOUT_X64, str(tmp_path / "p.npy"), str(tmp_path / "g.npy"),
+                    str(tmp_path / "out_")], check=True, timeout=300)
+    for name in ("saveus", "dope"):
+        tx = getattr(ro, name)(1e-2, weight_decay=0.1, fused=True)
+        params = {"w": jnp.asarray(p)}
+        state = tx.init(params)
+        for g in gs:
+            params, state = tx.update.refopt_step({"w": jnp.asarray(g)}, state, params)
+        np.testing.assert_array_equal(np.load(tmp_path / f"out_{name}.npy"), np.asarray(params["w"]))
