@@ -74,20 +74,21 @@ def _config(optimizer, ndim: int, dtype: str):
     return (type(optimizer), optimizer.quirks, static, min(ndim, 2), dtype)
 
 
-def kernel_for(optimizer, ndim: int, dtype: str, rows: int, cols: int) -> Kernel:
+def kernel_for(optimizer, ndim: int, dtype: str, rows: int, cols: int, updates: bool = False) -> Kernel:
     """The kernel for ``optimizer`` on a parameter of ``ndim`` dims (viewed as rows x cols) and
     dtype ``dtype``; traced and compiled on first use. Raises TraceError when the configuration
     cannot be fused (e.g. a ``clip_lambda`` that is not arithmetic on its argument) and
-    CompilerUnavailable without a C compiler."""
+    CompilerUnavailable without a C compiler. ``updates``: the kernel writes optax's updates
+    (``new - param``) over the gradient and leaves the parameter as it is."""
     _check_traceable(optimizer)
     values = values_of(optimizer, 1, rows, cols)
-    key = _config(optimizer, ndim, dtype)
+    key = (_config(optimizer, ndim, dtype), updates)
     with _LOCK:
         for kernel in _KERNELS.get(key, ()):
             if kernel.valid_for(values):
                 return kernel
-    traced = trace(optimizer, min(ndim, 2), dtype, {"rows": rows, "cols": cols})
-    program = Program(traced, name=f"refopt_{optimizer.facts.key}_step")
+    traced = trace(optimizer, min(ndim, 2), dtype, {"rows": rows, "cols": cols}, updates)
+    program = Program(traced, name=f"refopt_{optimizer.facts.key}_{'updates' if updates else 'step'}")
     source = program.source()
     kernel = Kernel(traced, program, source, load(source, f"{optimizer.facts.key}-{dtype}"))
     with _LOCK:

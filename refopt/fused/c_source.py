@@ -537,10 +537,11 @@ FFI_FIXED_ARGS = 4  # values, step, runtime, slots: then param, grad, state...
 
 def ffi_source(program: Program) -> str:
     """The XLA FFI handler that runs ``program``'s kernel from jax (refopt.optax): inputs in the
-    order (values, step, runtime, slots, param, grad, buffers...), outputs param and buffers
-    aliased with them."""
-    ret_index = {name: i for i, name in enumerate(["param", *[n for n in program.inputs if n not in ("param", "grad")]])}
-    pointers = "".join(f", args[{FFI_FIXED_ARGS + 1}]->data" if name == "grad" else f", rets[{ret_index[name]}]->data"
+    order (values, step, runtime, slots, param, grad, buffers...), outputs (param, or the updates
+    written over grad; buffers...), aliased with the inputs they overwrite."""
+    written = list(program.outputs)  # "param" or "grad" (the updates) first, then the state buffers
+    read_only = {"param": FFI_FIXED_ARGS, "grad": FFI_FIXED_ARGS + 1}
+    pointers = "".join(f", rets[{written.index(name)}]->data" if name in written else f", args[{read_only[name]}]->data"
                        for name in program.inputs)
     step_line = ("" if "step" not in program.params else
                  f"values[{program.params.index('step')}] = args[1]->dtype == XLA_FFI_DataType_S64 ? "

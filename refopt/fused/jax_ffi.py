@@ -30,11 +30,11 @@ def _threads() -> int:
         return max(1, os.cpu_count() or 1)
 
 
-def target_for(optimizer, ndim: int, dtype: str, rows: int, cols: int):
+def target_for(optimizer, ndim: int, dtype: str, rows: int, cols: int, updates: bool = False):
     """(FFI target name, Kernel) for ``optimizer`` on such a leaf; registers the target once."""
     import jax
 
-    kernel = kernel_for(optimizer, ndim, dtype, rows, cols)
+    kernel = kernel_for(optimizer, ndim, dtype, rows, cols, updates)
     with _LOCK:
         name = _TARGETS.get(id(kernel))
         if name is None:
@@ -48,10 +48,13 @@ def target_for(optimizer, ndim: int, dtype: str, rows: int, cols: int):
     return name, kernel
 
 
-def step(optimizer, param, grad, state, runtime: dict | None = None):
+def step(optimizer, param, grad, state, runtime: dict | None = None, updates: bool = False):
     """``optimizer.step`` on one leaf through the fused kernel (inside ``jax.jit``). ``runtime``:
     hyperparameter values for this step that may be traced (a scheduled learning rate), which
-    take the place of the optimizer's own."""
+    take the place of the optimizer's own. ``updates``: return optax's ``new - param`` instead of
+    the new parameter, written over the gradient's buffer; the parameter is only read, so XLA
+    keeps no copy of it for the subtraction and ``optax.apply_updates`` is the only pass left.
+    (Where the gradient is an input of the jitted function that is not donated, XLA copies it.)"""
     import jax
     import jax.numpy as jnp
     import numpy as np
@@ -59,7 +62,7 @@ def step(optimizer, param, grad, state, runtime: dict | None = None):
     shape = param.shape
     rows = shape[0] if len(shape) >= 2 else 1
     cols = (param.size // rows) if rows else 0
-    name, kernel = target_for(optimizer, len(shape), str(param.dtype), rows, cols)
+    name, kernel = target_for(optimizer, len(shape), str(param.dtype), rows, cols, updates)
     static = values_of(optimizer, 0, rows, cols)
     runtime = runtime or {}
     traced = {p: runtime[p] for p in kernel.params if p in runtime and not isinstance(runtime[p], (float, int))}
@@ -71,7 +74,7 @@ def step(optimizer, param, grad, state, runtime: dict | None = None):
     buffers = list(state[1:])
     outs = [jax.ShapeDtypeStruct(shape, param.dtype)] * (1 + len(buffers))
     first = FFI_FIXED_ARGS
-    aliases = {first: 0, **{first + 2 + i: 1 + i for i in range(len(buffers))}}
+    aliases = {first + 1 if updates else first: 0, **{first + 2 + i: 1 + i for i in range(len(buffers))}}
     result = jax.ffi.ffi_call(name, outs, input_output_aliases=aliases)(
         values.view(np.uint32), state.step, dynamic, slots, param, grad, *buffers)
     return result[0], optimizer.State(state.step + 1, *result[1:])

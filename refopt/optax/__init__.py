@@ -33,7 +33,11 @@ within a factor of two of each other (Sterbenz), so ``apply_updates`` reproduces
 bit on those elements; elsewhere (a sign change, or |update| >= |param|) the re-added result may
 differ from the core's by at most one rounding at the larger of |param|, |new|, i.e. within the
 tolerance model (one unit in the last place of the parameter's scale). ``refopt.optax.step(tx,
-grads, state, params)`` returns the core's new parameters exactly.
+grads, state, params)`` returns the core's new parameters exactly. The fused kernel computes that
+difference itself and writes it over the gradient's buffer, reading the parameter only: inside a
+jitted training step (gradients computed in it, parameters and state donated) nothing is copied
+and ``apply_updates`` is one pass; a gradient that is an argument of the jitted function and not
+donated is copied first (the caller's array is never modified).
 
 State. ``SAVEUSState(step, ema, ema_squared)`` / ``DOPEState(step, exp_avg, fim, fim_diff,
 prev_grad)``: one 0-d integer ``step`` (updates done; all leaves step together; int64 with x64, so
@@ -151,8 +155,9 @@ def transform(cls: type[Optimizer], learning_rate: ScalarOrSchedule | None = Non
         buffers = [treedef.unflatten([b[i] for b in per_leaf]) for i in range(len(State._fields) - 1)]
         return State(_step_zero(leaves), *buffers)
 
-    def exact_step(grads, state, params):
-        """(new_params, new_state): the core's new parameters, leaf by leaf."""
+    def step_leaves(grads, state, params, as_updates: bool):
+        """(new_params or updates, new_state), leaf by leaf. Updates are ``new - param`` rounded
+        once in the leaf's dtype; the fused kernel writes them itself, reading the parameter only."""
         if not isinstance(state, State):
             raise TypeError(f"refopt.optax.{opt.name.lower()}: state must be a refopt.optax.{State.__name__} "
                             f"from this transformation's init, got {type(state).__name__}")
@@ -165,26 +170,34 @@ def transform(cls: type[Optimizer], learning_rate: ScalarOrSchedule | None = Non
         bufs = [treedef.flatten_up_to(b) for b in state[1:]]
         leaves = [jnp.asarray(p) for p in leaves]  # NumPy leaves are accepted, as optax does
         g_leaves = [jnp.asarray(g) for g in g_leaves]
-        new_p, new_bufs = [], [[] for _ in bufs]
+        outs, new_bufs = [], [[] for _ in bufs]
         for i, (p, g) in enumerate(zip(leaves, g_leaves)):
             leaf_step = _leaf_step(opt, p, fused)
-            n, s = leaf_step(step_opt, p, g, opt.State(state.step, *(b[i] for b in bufs)))
-            new_p.append(n.astype(p.dtype))  # a no-op unless _weak had to fall back
+            leaf_state = opt.State(state.step, *(b[i] for b in bufs))
+            if as_updates and getattr(leaf_step, "func", None) is _fused_step:
+                out, s = leaf_step(step_opt, p, g, leaf_state, updates=True)
+            else:
+                n, s = leaf_step(step_opt, p, g, leaf_state)
+                out = n.astype(p.dtype)  # a no-op unless _weak had to fall back
+                out = jnp.subtract(out, p) if as_updates else out
+            outs.append(out)
             for acc, x in zip(new_bufs, s[1:]):
                 acc.append(x)
         new_state = State(state.step + 1, *(treedef.unflatten(b) for b in new_bufs))
-        return treedef.unflatten(new_p), new_state
+        return treedef.unflatten(outs), new_state
+
+    exact_step = functools.partial(step_leaves, as_updates=False)  # (new_params, new_state)
+    updates_step = functools.partial(step_leaves, as_updates=True)
 
     def update_fn(updates, state, params=None, **extra_args):
         del extra_args
-        new_params, new_state = exact_step(updates, state, params)
-        return jax.tree_util.tree_map(jnp.subtract, new_params, params), new_state
+        return updates_step(updates, state, params)
 
     # Traced even when called eagerly: one compiled program per tree structure (no per-leaf
     # dispatch), and the core's device checks see tracers, so eagerly passed multi-device (sharded)
     # leaves work too. check_finite reads values on the host, so it stays eager.
     if not opt.check_finite:
-        exact_step = jax.jit(exact_step)
+        exact_step, updates_step = jax.jit(exact_step), jax.jit(updates_step)
     update_fn.refopt_step = exact_step
     return optax.GradientTransformationExtraArgs(init_fn, update_fn)
 
@@ -330,12 +343,13 @@ def _fused_leaf(opt, p) -> bool:
     return True
 
 
-def _fused_step(static_opt, opt, p, g, state):
-    """``opt`` (whose lr may be a traced schedule value) through the kernel of ``static_opt``."""
+def _fused_step(static_opt, opt, p, g, state, updates=False):
+    """``opt`` (whose lr may be a traced schedule value) through the kernel of ``static_opt``;
+    ``updates``: return ``new - p`` (the parameter is only read)."""
     from ..fused import jax_ffi
 
     _validate.step_inputs(opt.facts.name, opt.State, p, g, state)
-    return jax_ffi.step(static_opt, p, g, state, runtime=opt.hparams)
+    return jax_ffi.step(static_opt, p, g, state, runtime=opt.hparams, updates=updates)
 
 
 __all__ = ["saveus", "dope", "transform", "step", "SAVEUSState", "DOPEState", "STATIC_ARGS"]

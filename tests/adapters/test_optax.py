@@ -260,3 +260,30 @@ def test_fused_kernel_takes_float64_scalars_without_x64(tmp_path):
         for g in gs:
             params, state = tx.update.refopt_step({"w": jnp.asarray(g)}, state, params)
         np.testing.assert_array_equal(np.load(tmp_path / f"out_{name}.npy"), np.asarray(params["w"]))
+
+
+@pytest.mark.parametrize("dtype", ["float16", "bfloat16", "float32", "float64"])
+@pytest.mark.parametrize("factory", [ro.saveus, ro.dope])
+def test_fused_updates_are_the_new_parameter_minus_the_old(factory, dtype):
+    """``update`` takes the kernel that writes ``new - param`` itself over the gradient's buffer
+    (the parameter only read, so XLA keeps no copy of it): the same numbers as the new parameters
+    minus the old, rounded once; the caller's gradients stay as they were."""
+    from refopt import fused
+
+    if not fused.available():
+        pytest.skip("no C compiler")
+    rng = np.random.default_rng(3)
+    params = {"w": jnp.asarray(rng.standard_normal((5, 6)), dtype), "b": jnp.asarray(rng.standard_normal(6), dtype)}
+    grads = {k: jnp.asarray(rng.standard_normal(v.shape), dtype) for k, v in params.items()}
+    kept = {k: np.asarray(v, np.float64) for k, v in grads.items()}
+    tx = factory(3e-2, weight_decay=0.1, fused=True)
+    state = tx.init(params)
+    updates, s1 = tx.update(grads, state, params)
+    for k in grads:
+        np.testing.assert_array_equal(np.asarray(grads[k], np.float64), kept[k])
+    new, s2 = tx.update.refopt_step(grads, state, params)
+    for k in params:
+        assert updates[k].dtype == params[k].dtype
+        np.testing.assert_array_equal(np.asarray(updates[k], np.float64), np.asarray(new[k] - params[k], np.float64))
+    for a, b in zip(jax.tree.leaves(s1), jax.tree.leaves(s2)):
+        np.testing.assert_array_equal(np.asarray(a, np.float64), np.asarray(b, np.float64))
