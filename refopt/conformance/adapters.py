@@ -321,7 +321,7 @@ class TorchAdapter(Adapter):
         p.grad = torch.zeros_like(p)
         call_port(self.name, opt.step)
         with torch.no_grad():
-            p.copy_(to(case.param))
+            self._set_param(p, to(case.param))
         st = opt.state[p]
         for name, value in case.state.items():
             if name == "step":
@@ -329,8 +329,15 @@ class TorchAdapter(Adapter):
                 st["step"] = (torch.tensor(float(value), dtype=old.dtype, device=old.device)
                               if torch.is_tensor(old) else type(old or 0)(value))
             else:
-                st[name] = to(value)
+                st[name] = self._buffer(to(value), p)
         p.grad = None
+
+    def _set_param(self, p, value) -> None:
+        p.copy_(value)
+
+    def _buffer(self, value, p):
+        """A given state buffer as the port gets it (laid out like ``p``)."""
+        return value
 
 
 # -- optax factories ---------------------------------------------------------------------------
