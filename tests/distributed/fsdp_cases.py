@@ -289,6 +289,33 @@ def dcp_case(mesh, rank, cls, hp):
             "step_after_load": sorted({int(s["step"]) for s in fresh_opt.state.values()})}
 
 
+def reshard_case(mesh, mesh2, rank, cls, hp):
+    """A checkpoint saved 4-way sharded, loaded into HSDP (2 replicas of 2-way shards): the state
+    arrives whole and bit-identical, and the next step is the uninterrupted one's."""
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
+
+    data = batches(STEPS)
+    net = make_net(mesh)
+    opt = cls(net.parameters(), **hp)
+    train(net, opt, data[:2])
+    path = os.path.join(shared_dir(rank), "ckpt")
+    model_sd, optim_sd = get_state_dict(net, opt)
+    dcp.save({"model": model_sd, "optim": optim_sd}, checkpoint_id=path)
+    saved = {(n, k): full(v).clone() for n, p in net.named_parameters() for k, v in opt.state[p].items()}
+    train(net, opt, data[2:])
+    other = make_net(mesh2)
+    other_opt = cls(other.parameters(), **hp)
+    other_opt.init_state()
+    model_sd, optim_sd = get_state_dict(other, other_opt)
+    dcp.load({"model": model_sd, "optim": optim_sd}, checkpoint_id=path)
+    set_state_dict(other, other_opt, model_state_dict=model_sd, optim_state_dict=optim_sd)
+    loaded = {(n, k): full(v).clone() for n, p in other.named_parameters() for k, v in other_opt.state[p].items()}
+    train(other, other_opt, data[2:])
+    return {"state_bitwise": same_bits(saved, loaded),
+            "next_step_rel": max(rel(p, q) for p, q in zip(other.parameters(), net.parameters()))}
+
+
 def dcp_init_case(mesh, cls):
     """torch's checkpoint helpers initialise a never-stepped optimizer by a zero-gradient step with
     lr=0; with eps=0 that step is 0/0 (the reference's arithmetic). init_state() avoids it."""
@@ -436,6 +463,8 @@ def cases(rank, world):
     guarded(report, "collectives", lambda: collectives_case(mesh))
     if world == 4:  # a 2-D mesh: HSDP (replicas of 2-way shards) and a matrix split both ways
         mesh2 = init_device_mesh("cpu", (2, 2), mesh_dim_names=("replicate", "shard"))
+        for name, cls, hp in (OPTIMIZERS[0], OPTIMIZERS[2]):
+            guarded(report, f"reshard/{name}", lambda: reshard_case(mesh, mesh2, rank, cls, hp))
         for name, cls, hp in OPTIMIZERS:
             guarded(report, f"hsdp/{name}", lambda: hsdp_case(mesh2, cls, hp))
             guarded(report, f"2d/{name}", lambda: mesh2d_case(mesh2, cls, hp))

@@ -145,3 +145,6 @@ def test_four_processes():
         assert r["rel"] <= FLOAT64, (key, r)
     for name in ("SAVEUS", "DOPE"):
         assert report[f"dcp/{name}"]["resume_bitwise"] and report[f"ddp/{name}"]["ddp"] == 0.0
+        # a checkpoint of 4 shards loaded as 2 replicas of 2 shards
+        r = report[f"reshard/{name}"]
+        assert r["state_bitwise"] and r["next_step_rel"] <= FLOAT64, r
