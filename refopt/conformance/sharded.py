@@ -75,10 +75,12 @@ def join_group(rank: int, world: int, store: str) -> None:
                             timeout=datetime.timedelta(seconds=GROUP_TIMEOUT))
 
 
-def leave_group(store: str | None = None) -> None:
+def leave_group(group: bool = True, store: str | None = None) -> None:
+    """Leave the group (``group``) and remove the rendezvous file ``store`` (rank 0; once every rank
+    has joined, it is not read again)."""
     import torch.distributed as dist
 
-    if dist.is_initialized():
+    if group and dist.is_initialized():
         dist.destroy_process_group()
     if store:
         shutil.rmtree(os.path.dirname(store), ignore_errors=True)
@@ -333,6 +335,8 @@ def main(argv=None) -> int:
         join_group(args.rank, args.shard, store)
         sharded = ShardedTorchAdapter(adapter.name, adapter.cls, args.rank, args.shard)
         sharded.optimizers = adapter.optimizers
+        dist.barrier()  # every rank has joined and made its mesh
+        leave_group(False, store if args.rank == 0 else None)
         if args.rank == 0:
             from .worker import serve
 
@@ -345,7 +349,7 @@ def main(argv=None) -> int:
             follow(sharded)
         finished = True
     finally:
-        leave_group(store if args.rank == 0 else None)
+        leave_group(True, store if args.rank == 0 else None)  # (the file is gone unless joining failed)
         end_ranks(children, wait=finished)
     return 0
 

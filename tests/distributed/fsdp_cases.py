@@ -5,7 +5,9 @@ collectives), and returns measurements: rank 0's dict is the report. Each scenar
 sharded run with the unsharded run of the same optimizer on the same data, by the relative
 difference max|sharded - unsharded| / max|unsharded| of the whole (gathered) parameters and state.
 """
+import contextlib
 import os
+import shutil
 import tempfile
 import time
 import traceback
@@ -252,31 +254,50 @@ def same_bits(a: dict, b: dict) -> bool:
                                         for x, y in ((a[k], b[k]) for k in a))
 
 
+@contextlib.contextmanager
 def shared_dir(rank):
+    """A folder every rank writes its part of a checkpoint into, removed afterwards."""
     box = [tempfile.mkdtemp(prefix="refopt-dcp-") if rank == 0 else None]
     dist.broadcast_object_list(box, src=0)
-    return box[0]
+    try:
+        yield box[0]
+    finally:
+        dist.barrier()
+        if rank == 0:
+            shutil.rmtree(box[0], ignore_errors=True)
 
 
-def dcp_case(mesh, rank, cls, hp):
+def save(net, opt, path):
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import get_state_dict
+
+    model_sd, optim_sd = get_state_dict(net, opt)
+    dcp.save({"model": model_sd, "optim": optim_sd}, checkpoint_id=path)
+
+
+def load(net, opt, path):
+    """Into a fresh (net, opt), as backends/README.md shows it: init_state() first."""
     import torch.distributed.checkpoint as dcp
     from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
 
+    opt.init_state()  # so get_state_dict does not step it (see refopt.torch's init_state)
+    model_sd, optim_sd = get_state_dict(net, opt)
+    dcp.load({"model": model_sd, "optim": optim_sd}, checkpoint_id=path)
+    set_state_dict(net, opt, model_state_dict=model_sd, optim_state_dict=optim_sd)
+
+
+def dcp_case(mesh, rank, cls, hp):
     data = batches(STEPS + 1)
     net = make_net(mesh)
     opt = cls(net.parameters(), **hp)
     train(net, opt, data[:2])
-    path = os.path.join(shared_dir(rank), "ckpt")
-    model_sd, optim_sd = get_state_dict(net, opt)
-    dcp.save({"model": model_sd, "optim": optim_sd}, checkpoint_id=path)
-    saved = local_snapshot(net, opt)
-    train(net, opt, data[2:])  # the uninterrupted run
     fresh = make_net(mesh)
     fresh_opt = cls(fresh.parameters(), **hp)
-    fresh_opt.init_state()  # so get_state_dict does not step it (see refopt.torch's init_state)
-    model_sd, optim_sd = get_state_dict(fresh, fresh_opt)
-    dcp.load({"model": model_sd, "optim": optim_sd}, checkpoint_id=path)
-    set_state_dict(fresh, fresh_opt, model_state_dict=model_sd, optim_state_dict=optim_sd)
+    with shared_dir(rank) as folder:
+        save(net, opt, folder)
+        saved = local_snapshot(net, opt)
+        train(net, opt, data[2:])  # the uninterrupted run
+        load(fresh, fresh_opt, folder)
     loaded = local_snapshot(fresh, fresh_opt)
     train(fresh, fresh_opt, data[2:])  # resumed
     resumed = all(torch.equal(p.to_local(), q.to_local()) for p, q in zip(net.parameters(), fresh.parameters()))
@@ -292,24 +313,17 @@ def dcp_case(mesh, rank, cls, hp):
 def reshard_case(mesh, mesh2, rank, cls, hp):
     """A checkpoint saved 4-way sharded, loaded into HSDP (2 replicas of 2-way shards): the state
     arrives whole and bit-identical, and the next step is the uninterrupted one's."""
-    import torch.distributed.checkpoint as dcp
-    from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
-
     data = batches(STEPS)
     net = make_net(mesh)
     opt = cls(net.parameters(), **hp)
     train(net, opt, data[:2])
-    path = os.path.join(shared_dir(rank), "ckpt")
-    model_sd, optim_sd = get_state_dict(net, opt)
-    dcp.save({"model": model_sd, "optim": optim_sd}, checkpoint_id=path)
-    saved = {(n, k): full(v).clone() for n, p in net.named_parameters() for k, v in opt.state[p].items()}
-    train(net, opt, data[2:])
     other = make_net(mesh2)
     other_opt = cls(other.parameters(), **hp)
-    other_opt.init_state()
-    model_sd, optim_sd = get_state_dict(other, other_opt)
-    dcp.load({"model": model_sd, "optim": optim_sd}, checkpoint_id=path)
-    set_state_dict(other, other_opt, model_state_dict=model_sd, optim_state_dict=optim_sd)
+    with shared_dir(rank) as folder:
+        save(net, opt, folder)
+        saved = {(n, k): full(v).clone() for n, p in net.named_parameters() for k, v in opt.state[p].items()}
+        train(net, opt, data[2:])
+        load(other, other_opt, folder)
     loaded = {(n, k): full(v).clone() for n, p in other.named_parameters() for k, v in other_opt.state[p].items()}
     train(other, other_opt, data[2:])
     return {"state_bitwise": same_bits(saved, loaded),

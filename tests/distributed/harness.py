@@ -43,7 +43,7 @@ def main(argv=None) -> int:
         dist.barrier()
         finished = True
     finally:
-        leave_group(store if args.rank == 0 else None)
+        leave_group(True, store if args.rank == 0 else None)
         end_ranks(children, wait=finished)
     if args.rank == 0:
         print(json.dumps(report), flush=True)
