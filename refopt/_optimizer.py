@@ -101,15 +101,20 @@ class Optimizer:
         it, is stepped on its local shards with every per-tensor reduction global over the mesh
         (refopt._sharded); the new param and buffers are DTensors laid out as the inputs."""
         xp = _validate.step_inputs(self.facts.name, self.State, param, grad, state)
+        if _sharded.is_dtensor(param, grad, *state):  # checked and stepped on its local shards
+            return _sharded.step(self, param, grad, state)
+        self._check_values(xp, param, grad, state)
+        if math.prod(param.shape) == 0:  # A6
+            return empty_tensor_step(xp, param, state)
+        return self._update(param, grad, state)
+
+    def _check_values(self, xp, param, grad, state):
+        """``check_finite``'s checks (they read values: a host sync), else the step count's range
+        where reading it is free."""
         if self.check_finite:
             _validate.finite_inputs(self.facts.name, xp, param, grad, state)
         else:
             _validate.host_step_count(self.facts.name, state)
-        if math.prod(param.shape) == 0:  # A6, from the whole tensor's shape (a DTensor's is global)
-            return empty_tensor_step(xp, param, state)
-        if _sharded.is_dtensor(param, grad, *state):
-            return _sharded.step(self, param, grad, state)
-        return self._update(param, grad, state)
 
     def _update(self, param, grad, state, xp=None):  # pragma: no cover - overridden
         raise NotImplementedError

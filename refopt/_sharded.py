@@ -7,20 +7,20 @@ tells how the public code goes wrong under FSDP2).
 
 ``ShardedNamespace`` is the torch array namespace bound to one parameter's layout. The core runs
 unchanged on the LOCAL shards of param, grad and state with it: elementwise operations stay local;
-``sum``, ``mean``, ``std`` and ``var`` reduce the local shard, then all-reduce the partial sums over
-the mesh dimensions that shard a reduced tensor axis, and divide by GLOBAL counts; ``global_size``
-is the whole tensor's element count (D12's n, A2's n > 2 test). Nothing is ever gathered: a
-reduction moves one partial sum per kept element (a scalar for a whole-tensor reduction, a column
-of per-channel sums when the channel axes are sharded). A reduction over axes no mesh dimension
-shards is the plain torch one, so a channel statistic of a ``Shard(0)`` parameter costs nothing
-and is bit-identical to the unsharded step. Any other reducing or shape-changing function
-raises: the namespace holds only what is correct on a shard.
+``sum``, ``mean``, ``std``, ``var``, ``all`` and ``any`` reduce the local shard, then all-reduce
+the partial sums over the mesh dimensions that shard a reduced tensor axis, and divide by GLOBAL
+counts; ``global_size`` is the whole tensor's element count (D12's n, A2's n > 2 test). Nothing is
+ever gathered: a reduction moves one partial sum per kept element (a scalar for a whole-tensor
+reduction, a column of per-channel sums when the channel axes are sharded). A reduction over axes
+no mesh dimension shards is the plain torch one, so a channel statistic of a ``Shard(0)``
+parameter costs nothing and is bit-identical to the unsharded step. Any other reducing or
+shape-changing function raises: the namespace holds only what is correct on a shard.
 
 Placements: ``Shard(d)`` (even, uneven, an empty local shard, FSDP2's padded storage, the strided
 shards of FSDP2 over tensor parallelism) and ``Replicate()`` (never summed over); ``Partial`` is
 refused (a pending sum is not a parameter; redistribute it first). A grad or buffer laid out
-differently from the parameter is redistributed to the parameter's layout (a collective, never a
-gather of a sharded tensor).
+differently from the parameter is redistributed to the parameter's layout (a collective, which
+leaves each rank no more of the tensor than the parameter's layout gives it).
 
 Nothing here imports torch until a DTensor is seen: the core stays NumPy-only for other users.
 """
@@ -28,6 +28,8 @@ from __future__ import annotations
 
 import math
 import sys
+
+from .common import empty_tensor_step
 
 
 def _dtensor_module():
@@ -136,7 +138,7 @@ class ShardedNamespace:
         if name in ELEMENTWISE:
             return getattr(self._base, name)
         raise AttributeError(f"refopt's sharded namespace has no {name!r}: on a shard only elementwise "
-                             f"operations and sum/mean/std/var (made global) are defined")
+                             f"operations and sum/mean/std/var/all/any (made global) are defined")
 
     # ---- what makes the shards one tensor --------------------------------------------------------
     def global_size(self, x) -> int:
@@ -203,6 +205,16 @@ class ShardedNamespace:
         squares = self._global_sum(deviation * deviation, axes, groups)
         return self._dropped(squares / max(n - correction, 0), axes, keepdims)
 
+    def all(self, x, /, *, axis=None, keepdims=False):
+        """True where no element of the whole tensor is zero (False)."""
+        return self._count(x == 0, axis, keepdims) == 0
+
+    def any(self, x, /, *, axis=None, keepdims=False):
+        return self._count(x != 0, axis, keepdims) > 0
+
+    def _count(self, mask, axis, keepdims):
+        return self.sum(self._base.astype(mask, self._base.int64), axis=axis, keepdims=keepdims)
+
     def std(self, x, /, *, axis=None, correction=0.0, keepdims=False):
         axes, groups, _ = self._plan(x, axis)
         if not groups:
@@ -224,7 +236,11 @@ def step(optimizer, param, grad, state):
     if is_dtensor(step_count):
         step_count = step_count.to_local()
     local_state = state._replace(step=step_count, **{k: layout.local(b) for k, b in buffers.items()})
-    new_param, new_state = optimizer._update(layout.local(param), layout.local(grad), local_state,
-                                             xp=ShardedNamespace(layout))
+    xp = ShardedNamespace(layout)
+    local_param, local_grad = layout.local(param), layout.local(grad)
+    optimizer._check_values(xp, local_param, local_grad, local_state)  # counts over the whole tensors
+    if layout.numel() == 0:  # A6, from the global shape: every rank agrees
+        return empty_tensor_step(xp, param, state._replace(step=step_count))
+    new_param, new_state = optimizer._update(local_param, local_grad, local_state, xp=xp)
     wrapped = {k: layout.wrap(getattr(new_state, k)) for k in optimizer.facts.buffers}
     return layout.wrap(new_param), new_state._replace(**wrapped)

@@ -6,6 +6,7 @@ sharded run with the unsharded run of the same optimizer on the same data, by th
 difference max|sharded - unsharded| / max|unsharded| of the whole (gathered) parameters and state.
 """
 import contextlib
+import math
 import os
 import shutil
 import tempfile
@@ -213,6 +214,14 @@ def errors_case(mesh):
         out["core_plain_grad"] = "no error"
     except Exception as exc:  # noqa: BLE001
         out["core_plain_grad"] = f"{type(exc).__name__}: {exc}"
+    checked = refopt.SAVEUS(check_finite=True)
+    bad = torch.ones(4, 3, dtype=torch.float64)
+    bad[3, 2] = math.nan  # on the last rank only
+    try:
+        checked.step(q, distribute_tensor(bad, mesh, [Shard(0)]), checked.init(q))
+        out["check_finite"] = "no error"
+    except Exception as exc:  # noqa: BLE001
+        out["check_finite"] = f"{type(exc).__name__}: {exc}"
     partial = DTensor.from_local(torch.ones(4, 3, dtype=torch.float64), mesh, [Partial()])
     try:
         opt.step(partial, partial, opt.init(partial))
@@ -286,20 +295,32 @@ def load(net, opt, path):
     set_state_dict(net, opt, model_state_dict=model_sd, optim_state_dict=optim_sd)
 
 
-def dcp_case(mesh, rank, cls, hp):
-    data = batches(STEPS + 1)
+def interrupted(rank, cls, hp, mesh, later_mesh, snapshot):
+    """Two steps on ``mesh``, a checkpoint, a third step; a fresh network and optimizer on
+    ``later_mesh`` load the checkpoint and take the third step too. Returns both (network,
+    optimizer) pairs and ``snapshot`` of the state saved and of the state loaded."""
+    data = batches(STEPS)
     net = make_net(mesh)
     opt = cls(net.parameters(), **hp)
     train(net, opt, data[:2])
-    fresh = make_net(mesh)
-    fresh_opt = cls(fresh.parameters(), **hp)
+    other = make_net(later_mesh)
+    other_opt = cls(other.parameters(), **hp)
     with shared_dir(rank) as folder:
         save(net, opt, folder)
-        saved = local_snapshot(net, opt)
+        saved = snapshot(net, opt)
         train(net, opt, data[2:])  # the uninterrupted run
-        load(fresh, fresh_opt, folder)
-    loaded = local_snapshot(fresh, fresh_opt)
-    train(fresh, fresh_opt, data[2:])  # resumed
+        load(other, other_opt, folder)
+    loaded = snapshot(other, other_opt)
+    train(other, other_opt, data[2:])  # resumed
+    return (net, opt), (other, other_opt), saved, loaded
+
+
+def whole_state(net, opt):
+    return {(n, k): full(v).clone() for n, p in net.named_parameters() for k, v in opt.state[p].items()}
+
+
+def dcp_case(mesh, rank, cls, hp):
+    (net, _), (fresh, fresh_opt), saved, loaded = interrupted(rank, cls, hp, mesh, mesh, local_snapshot)
     resumed = all(torch.equal(p.to_local(), q.to_local()) for p, q in zip(net.parameters(), fresh.parameters()))
     layouts = all(isinstance(v, DTensor) and v.placements == p.placements
                   for p in fresh.parameters() for k, v in fresh_opt.state[p].items() if k != "step")
@@ -313,19 +334,7 @@ def dcp_case(mesh, rank, cls, hp):
 def reshard_case(mesh, mesh2, rank, cls, hp):
     """A checkpoint saved 4-way sharded, loaded into HSDP (2 replicas of 2-way shards): the state
     arrives whole and bit-identical, and the next step is the uninterrupted one's."""
-    data = batches(STEPS)
-    net = make_net(mesh)
-    opt = cls(net.parameters(), **hp)
-    train(net, opt, data[:2])
-    other = make_net(mesh2)
-    other_opt = cls(other.parameters(), **hp)
-    with shared_dir(rank) as folder:
-        save(net, opt, folder)
-        saved = {(n, k): full(v).clone() for n, p in net.named_parameters() for k, v in opt.state[p].items()}
-        train(net, opt, data[2:])
-        load(other, other_opt, folder)
-    loaded = {(n, k): full(v).clone() for n, p in other.named_parameters() for k, v in other_opt.state[p].items()}
-    train(other, other_opt, data[2:])
+    (net, _), (other, _), saved, loaded = interrupted(rank, cls, hp, mesh, mesh2, whole_state)
     return {"state_bitwise": same_bits(saved, loaded),
             "next_step_rel": max(rel(p, q) for p, q in zip(other.parameters(), net.parameters()))}
 

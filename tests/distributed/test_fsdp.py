@@ -89,6 +89,8 @@ def test_what_the_dtensor_path_refuses_is_named(report):
     assert e["plain_grad"].startswith("TypeError: refopt.torch.DOPE: the parameter is a DTensor but its grad is a Tensor")
     assert e["core_plain_grad"].startswith("TypeError: SAVEUS.step: param is a DTensor but grad is a Tensor")
     assert e["partial_param"].startswith("ValueError: SAVEUS.step: placement") and "Partial" in e["partial_param"]
+    # check_finite reads the whole tensor: a NaN on another rank is found on every rank
+    assert e["check_finite"] == "ValueError: SAVEUS.step: grad has 1 non-finite element(s) (check_finite=True)", e
 
 
 def test_a_per_shard_reduction_is_seen(report):
@@ -100,7 +102,7 @@ def test_a_per_shard_reduction_is_seen(report):
 def test_distributed_checkpoint_round_trips_and_resumes_bitwise(report, name):
     r = report[f"dcp/{name}"]
     assert r["round_trip_bitwise"] and r["resume_bitwise"] and r["layout_restored"], r
-    assert r["step_after_load"] == [4], r  # 2 steps saved, 2 more after loading
+    assert r["step_after_load"] == [3], r  # 2 steps saved, 1 more after loading
 
 
 @pytest.mark.parametrize("name", ["SAVEUS", "DOPE"])
