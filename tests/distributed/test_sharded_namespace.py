@@ -28,6 +28,8 @@ def test_reductions_over_axes_no_rank_splits_are_torch_s_own():
         for name in ("sum", "mean"):
             assert torch.equal(getattr(ns, name)(x, axis=axis, keepdims=True), getattr(xp, name)(x, axis=axis, keepdims=True))
         assert torch.equal(ns.std(x, axis=axis, correction=1), xp.std(x, axis=axis, correction=1))
+    for mask in (x > -10, x > 0, x > 10):  # all true, some, none
+        assert bool(ns.all(mask)) == bool(xp.all(mask)) and bool(ns.any(mask)) == bool(xp.any(mask))
 
 
 def test_the_core_steps_identically_on_it():
