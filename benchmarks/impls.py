@@ -77,19 +77,30 @@ def _torch_optim(factory, params, grads, device):
     return Bench(opt.step, _torch_sync(device), scratch)
 
 
-def refopt_torch(foreach):
+def refopt_torch(**options):
     def build(name, params, grads, device):
         import refopt.torch as rt
 
-        return _torch_optim(lambda ps: getattr(rt, name)(ps, foreach=foreach), params, grads, device)
+        return _torch_optim(lambda ps: getattr(rt, name)(ps, **options), params, grads, device)
 
     return build
 
 
-def torch_adamw(name, params, grads, device):
-    import torch
+def torch_adamw(**options):
+    def build(name, params, grads, device):
+        import torch
 
-    return _torch_optim(lambda ps: torch.optim.AdamW(ps, foreach=True), params, grads, device)
+        return _torch_optim(lambda ps: torch.optim.AdamW(ps, **options), params, grads, device)
+
+    return build
+
+
+def torch_port(cls):
+    """A torch.optim.Optimizer class of the user's (``--compare torch:MODULE:CLASS``), defaults."""
+    def build(name, params, grads, device):
+        return _torch_optim(cls, params, grads, device)
+
+    return build
 
 
 # ---- CuPy ------------------------------------------------------------------------------------
@@ -167,25 +178,57 @@ def optax_adamw(name, params, grads, device):
     return _optax_loop(optax.adamw(1e-3), params, grads, limit=len(params))  # a small step: compiles fast
 
 
-#: library -> [(implementation, builder, optimizers it runs)]
+def optax_port(factory):
+    """An optax factory of the user's (``--compare optax:MODULE:FACTORY``), called with no arguments
+    or with optax's learning_rate=1e-3."""
+    def build(name, params, grads, device):
+        _jax()
+        try:
+            tx = factory()
+        except TypeError:
+            tx = factory(1e-3)
+        return _optax_loop(tx, params, grads)
+
+    return build
+
+
+#: library -> [(implementation, builder, optimizers it runs)]; the first AdamW row of a library
+#: is the baseline its ratios are taken against (what a user would pick instead).
 OPTS = ("SAVEUS", "DOPE")
 IMPLS = {
-    "numpy": [("core numpy", core_numpy, OPTS)],
     "torch": [
+        ("torch AdamW fused=True", torch_adamw(fused=True), ("AdamW",)),
+        ("torch AdamW foreach=True", torch_adamw(foreach=True), ("AdamW",)),
+        ("refopt.torch (defaults)", refopt_torch(), OPTS),
+        ("refopt.torch fused=False", refopt_torch(fused=False), OPTS),
         ("core torch", core_torch, OPTS),
-        ("refopt.torch foreach=False", refopt_torch(False), OPTS),
-        ("refopt.torch foreach=True", refopt_torch(True), OPTS),
-        ("torch AdamW foreach=True", torch_adamw, ("AdamW",)),
     ],
     "jax": [
-        ("core jax jit", core_jax_jit, OPTS),
-        ("refopt.optax jit", refopt_optax, OPTS),
         ("optax adamw jit", optax_adamw, ("AdamW",)),
+        ("refopt.optax jit", refopt_optax, OPTS),
+        ("core jax jit", core_jax_jit, OPTS),
     ],
+    "numpy": [("core numpy", core_numpy, OPTS)],
     "cupy": [("core cupy", core_cupy, OPTS)],
 }
 #: The libraries run on each device.
-LIBRARIES = {"cpu": ("numpy", "torch", "jax"), "cuda": ("torch", "cupy", "jax")}
+LIBRARIES = {"cpu": ("torch", "jax", "numpy"), "cuda": ("torch", "cupy", "jax")}
+
+
+def _transformer(d=256, layers=12):
+    shapes = [(1000, d)]  # embedding
+    for _ in range(layers):
+        shapes += [(3 * d, d), (3 * d,), (d, d), (d,), (4 * d, d), (4 * d,), (d, 4 * d), (d,), (d,), (d,)]
+    return shapes
+
+
+WORKLOADS = {
+    "big": [(4096, 4096)],
+    "transformer": _transformer(),  # 121 tensors, ~9.7M elements
+    "tiny": [((i % 7) + 1, (i % 5) + 2) if i % 3 else ((i % 11) + 1,) for i in range(1000)],
+}
+#: Tensor-sized passes a step must make at least: (reads + writes) of p, grad and state.
+PASSES = {"DOPE": 11, "SAVEUS": 7, "AdamW": 7}
 
 
 def data(shapes, seed=0):

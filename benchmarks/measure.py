@@ -93,3 +93,36 @@ def _best(fn, reps: int) -> float:
         fn()
         best = min(best, time.perf_counter() - t0)
     return best
+
+
+def streaming_bandwidth(device: str = "cpu", nbytes: int = 64 << 20, reps: int = 7) -> float:
+    """Bytes/s of in-place streaming on preallocated buffers, the way the kernels use memory: the
+    best of ``a.add_(b)`` (two reads, one write) and ``a.copy_(b)`` (one read, one write); no
+    fresh allocation (whose page faults would make the roofline look easier than it is)."""
+    try:
+        import torch
+
+        dev = "cuda" if device == "cuda" else "cpu"
+        a = torch.ones(nbytes // 4, dtype=torch.float32, device=dev)
+        b = torch.ones_like(a)
+        sync = torch.cuda.synchronize if dev == "cuda" else (lambda: None)
+
+        def add():
+            a.add_(b)
+            sync()
+
+        def copy():
+            a.copy_(b)
+            sync()
+    except ImportError:
+        import numpy as np
+
+        a, b = np.ones(nbytes // 4, np.float32), np.ones(nbytes // 4, np.float32)
+
+        def add():
+            np.add(a, b, out=a)
+
+        def copy():
+            np.copyto(a, b)
+
+    return max(3 * nbytes / _best(add, reps), 2 * nbytes / _best(copy, reps))

@@ -38,6 +38,16 @@ def _csv(choices):
     return parse
 
 
+def _positive_int(text):
+    try:
+        value = int(text)
+    except ValueError:
+        value = 0
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}")
+    return value
+
+
 def _seconds(text):
     try:
         value = float(text)
@@ -86,6 +96,9 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--in-place", action="store_true",
                    help="a python port that updates param and state in place (as a torch optimizer does) "
                         "instead of returning new arrays")
+    c.add_argument("--no-multi-tensor", action="store_true",
+                   help="skip the multi-tensor run of a torch port (its vectors' tensors together in one optimizer, "
+                        "over param groups; by default run after the single-tensor one)")
     c.add_argument("--in-process", action="store_true",
                    help="run a Python port in refopt's own process instead of a worker (to debug it with "
                         "breakpoints; an exit, crash or hang of the port then ends the run)")
@@ -113,6 +126,13 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--self-test", action="store_true",
                    help="check that every known porting mistake (refopt.builders.mutants) is rejected")
     c.add_argument("--no-diagnose", action="store_true", help="skip the verdict search for failing vectors")
+    c.add_argument("--fuzz", type=_positive_int, metavar="N",
+                   help="instead of the vector files, judge N random cases drawn by Hypothesis (budgets computed on "
+                        "the fly); a failure is shrunk and written as a vector file (--fuzz-out)")
+    c.add_argument("--seed", type=int, default=0, metavar="S", help="the fuzzer's seed (default 0)")
+    c.add_argument("--fuzz-time", type=_seconds, metavar="SECONDS", help="stop drawing new cases after this long")
+    c.add_argument("--fuzz-out", default="refopt-fuzz", metavar="DIR",
+                   help="vector directory a failing fuzz case is written to (default ./refopt-fuzz)")
     g = c.add_mutually_exclusive_group()
     g.add_argument("-q", "--quiet", action="store_true", help="only the final line")
     g.add_argument("-v", "--verbose", action="store_true", help="every case, and full diagnoses")
@@ -178,6 +198,11 @@ def _targets(args):
             for t in targets:
                 t.close()
             raise
+        if not args.no_multi_tensor and args.fuzz is None:
+            from .conformance.multitensor import MultiTensorTarget
+
+            targets += [MultiTensorTarget(t, timeout=args.timeout or DEFAULT_TIMEOUT) for t in targets
+                        if t.kind == "torch"]
         return targets
     for option in ("hparam_map", "quirks", "timeout", "shard"):
         if getattr(args, option):
@@ -205,12 +230,17 @@ def check(args) -> int:
     from .conformance import diagnose, report, runner
 
     t0 = time.perf_counter()
+    if args.fuzz is not None:
+        return _fuzz(args, t0)
     vecs = _select(args)
     if args.self_test:
         return _self_test(args, vecs, t0)
     targets = _targets(args)
     try:
         pairs = runner.plan(vecs, targets)
+        for t in targets:  # a multi-tensor run batches the vectors it will get
+            if hasattr(t, "prepare"):
+                t.prepare([v for v, target in pairs if target is t])
         if not pairs:
             raise ConfigError("no vector selected for the port: none of the configuration it implements "
                               "(--profile, --quirks) for the optimizer it implements (--optimizer)")
@@ -240,6 +270,37 @@ def check(args) -> int:
     if any(r.status == "failed" for r in results):
         return EXIT_FAIL
     return EXIT_PARTIAL if any(r.unsupported for r in results) else EXIT_OK
+
+
+def _fuzz(args, t0) -> int:
+    import pathlib
+
+    from .conformance import diagnose, fuzz, report
+
+    if args.self_test or args.ids or args.vectors:
+        raise ConfigError("--fuzz draws its own cases: it cannot be combined with --self-test, --ids or --vectors")
+    targets = _targets(args)
+    out = pathlib.Path(args.fuzz_out)
+    try:
+        outcome = fuzz.run(targets, examples=args.fuzz, seed=args.seed, seconds=args.fuzz_time,
+                           optimizers=args.optimizer, dtypes=args.dtype, out=out, progress=report.Progress())
+        failed = [r for r in outcome.results if r.status == "failed"]
+        replay = (*_port_args(args), "--vectors", str(out))
+        for r in failed:
+            r.diagnosis = diagnose.diagnose(r, replay, search=not args.no_diagnose)
+            if not args.quiet:
+                print("FAILED " + r.diagnosis.text(), file=sys.stdout)
+    finally:
+        for t in targets:
+            if hasattr(t, "close"):
+                t.close()
+    elapsed = time.perf_counter() - t0
+    stop = " (time limit reached)" if outcome.stopped_by_time else ""
+    verdict = f"a failure, shrunk and written to {outcome.path}" if failed else "no failure"
+    print(f"fuzz: {outcome.examples} case(s), seed {args.seed}{stop}: {verdict} in {elapsed:.1f} s", file=sys.stdout)
+    _write_reports(args, outcome.results, elapsed, {"fuzz": {"examples": outcome.examples, "seed": args.seed,
+                                                             "written": str(outcome.path) if failed else None}})
+    return EXIT_FAIL if failed else EXIT_OK
 
 
 def _port_args(args) -> tuple:

@@ -142,8 +142,8 @@ def cautious_scale(ops, count, numel: int, float32_scalars: bool):
     xp = ops.xp
     if float32_scalars:
         shifted = xp.astype(count, xp.float32) + 1e-8
-        return xp.astype((1.0 / shifted) * float(numel), ops.work)
-    return ops.in_work(float(numel) / (xp.astype(count, ops.scalar) + 1e-8))
+        return xp.astype((1.0 / shifted) * numel, ops.work)
+    return ops.in_work(numel / (xp.astype(count, ops.scalar) + 1e-8))
 
 
 def cautious_mask(ops, u, g, c_t, numel: int, float32_scalars: bool, cautious_processed_grad: bool):

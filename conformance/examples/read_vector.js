@@ -1,45 +1,20 @@
 #!/usr/bin/env node
 // Reads one refopt golden vector file without any Python: checks its SHA-256 against
-// SHA256SUMS, decodes the base64 little-endian arrays and prints the first values as JSON.
+// SHA256SUMS, decodes the arrays (format 1: base64 little-endian; format 2 also zlib-compressed
+// and counter-generated ones, see arrays.js) and prints the first values as JSON.
 //
 //   node read_vector.js conformance/v1/vectors/<id>.json [count]
 //
 // A port in any language does the same: decode param0 / state0 / steps[i].grad in the vector's
 // dtype, run its own step, and compare with steps[i].param (float64) within the tolerance of
 // spec/tolerance.md:  |actual - golden| <= k * budget + floor_ulps * ulp(golden).
+// In format 2, `judged` (when not null) lists the flat indices whose goldens the steps hold:
+// compare element judged[i] of your result with element i of steps[s].param.
 "use strict";
 const fs = require("fs");
 const path = require("path");
 const crypto = require("crypto");
-
-function half(bits) { // IEEE binary16 -> number
-  const s = bits & 0x8000 ? -1 : 1, e = (bits >> 10) & 0x1f, m = bits & 0x3ff;
-  if (e === 0) return s * m * 2 ** -24;
-  if (e === 31) return m ? NaN : s * Infinity;
-  return s * (1 + m / 1024) * 2 ** (e - 15);
-}
-
-function bfloat16(bits) { // the upper half of a float32
-  const b = Buffer.alloc(4);
-  b.writeUInt32LE((bits << 16) >>> 0);
-  return b.readFloatLE(0);
-}
-
-// A tensor is {dtype, shape, b64}: raw little-endian values in C order.
-function decode(t) {
-  const raw = Buffer.from(t.b64, "base64");
-  const read = {
-    float64: [8, (o) => raw.readDoubleLE(o)],
-    float32: [4, (o) => raw.readFloatLE(o)],
-    float16: [2, (o) => half(raw.readUInt16LE(o))],
-    bfloat16: [2, (o) => bfloat16(raw.readUInt16LE(o))],
-    int64: [8, (o) => Number(raw.readBigInt64LE(o))],
-  }[t.dtype];
-  if (!read) throw new Error(`unknown dtype ${t.dtype}`);
-  const n = t.shape.reduce((a, b) => a * b, 1);
-  if (raw.length !== n * read[0]) throw new Error(`${raw.length} bytes for ${n} ${t.dtype} values`);
-  return Array.from({ length: n }, (_, i) => read[1](i * read[0]));
-}
+const { decode } = require("./arrays.js"); // b64, zlib_b64 and counter tensors
 
 function checkSum(file, bytes) {
   const sums = path.join(path.dirname(file), "..", "SHA256SUMS");
@@ -63,12 +38,14 @@ function main() {
   const v = JSON.parse(bytes.toString("utf8"));
   const count = Number(countArg || 5);
   const step0 = v.steps[0];
+  const first = (t) => Array.from(decode(t, count).subarray(0, count));
   console.log(JSON.stringify({
-    id: v.id, optimizer: v.optimizer, dtype: v.dtype, shape: v.shape, profile: v.profile,
-    hparams: v.hparams, steps: v.steps.length, fresh_state: v.state0 === null, checksum,
-    first_grad: decode(step0.grad).slice(0, count),
-    first_expected: decode(step0.param).slice(0, count),
-    first_budget: decode(step0.budget).slice(0, count),
+    id: v.id, format_version: v.format_version, optimizer: v.optimizer, dtype: v.dtype, shape: v.shape,
+    profile: v.profile, hparams: v.hparams, steps: v.steps.length, fresh_state: v.state0 === null, checksum,
+    first_judged: v.judged ? first(v.judged) : null,
+    first_grad: first(step0.grad),
+    first_expected: first(step0.param),
+    first_budget: first(step0.budget),
   }, null, 1));
 }
 

@@ -30,6 +30,24 @@ F16_TINY = {"scale": 1e-3, "hparams": {"weight_decay": 0.0}}
 #: reference lr a bfloat16 parameter (8 bits) cannot show most switches (FLAGS.md: VisibleStep).
 BIG_LR_SAVEUS = 3e-2
 BIG_LR_DOPE = 1e-2
+#: Step counts of the LongHorizon vectors (FLAGS.md): bias corrections still below 1 (10**3),
+#: within 1e-4 of 1 (10**5), eps * sqrt(t) and t**lambda large (10**7), and a count that no
+#: longer fits an int32 (2**31 - 2, stepped past 2**31 - 1).
+HORIZONS = (1000, 10**5, 10**7, 2**31 - 2)
+LONG_HORIZON = min(HORIZONS)
+#: Scale vectors (FLAGS.md: Scale): 2**17 elements and more, in shapes that defeat per-block
+#: reductions and vectorised tails: a prime length, two rows longer than 2**16 (odd length), and
+#: 131101 channels of one element.
+PRIME = 131101                   # the first prime above 2**17
+SCALE_SHAPES = (((PRIME,), "prime", {}), ((2, 65537), "long-rows", {}),
+                ((PRIME, 1), "one-element-channels", {"normalize_channels": False}))
+SCALE_START = 10                 # the generated state's step count
+#: The generated state of a scale vector: (exponent, centred) per buffer (refopt.conformance.
+#: counter), sized like what the processed gradient makes (DOPE clips it with clip = 64).
+COUNTER_STATE = {"saveus": {"ema": (-1, True), "ema_squared": (0, False)},
+                 "dope": {"exp_avg": (-5, True), "fim": (-6, False), "fim_diff": (-5, False),
+                          "prev_grad": (-2, True)}}
+SCALE_HPARAMS = {"saveus": {"lr": BIG_LR_SAVEUS}, "dope": {"lr": BIG_LR_DOPE, "clip": 64.0}}
 
 
 @dataclass(frozen=True)
@@ -48,6 +66,8 @@ class Case:
     scale: float = 1.0              # gradient scale
     pscale: float = 1.0             # initial parameter scale
     flags: tuple = ()
+    start_step: int = 0             # >0: the given state's step count (its buffers from ``warm`` steps)
+    counter: bool = False           # format 2: counter-generated inputs and state, judged subset
 
     @property
     def name(self) -> str:
@@ -67,6 +87,10 @@ class Case:
         base = SAVEUS_DEFAULTS if self.optimizer == "saveus" else DOPE_DEFAULTS
         changed = {k: v for k, v in self.full_hparams().items() if base[k] != v}
         start = f"the state after {self.warm} steps" if self.warm else "a fresh state"
+        if self.start_step:
+            start = f"a state at step {self.start_step} (buffers of {self.warm} steps)"
+        if self.counter:
+            start = f"a generated state at step {self.start_step}"
         text = (f"{self.optimizer.upper()}, profile {self.profile}, {self.dtype} {list(self.shape)}, "
                 f"{self.steps} step(s) from {start}, {self.grads} gradients")
         if self.scale != 1.0:
@@ -84,12 +108,18 @@ class Case:
 
     def all_flags(self) -> tuple:
         f = list(self.flags)
-        if self.optimizer == "dope" and self.dtype == "float16":
-            f.append("Float16SafeHparams")
+        if self.optimizer == "dope" and self.dtype == "float16" and "Fuzz" not in f:  # a fuzzed case
+            f.append("Float16SafeHparams")                                              # draws its own
         if self.profile == "documented":
             f.append("DocumentedProfile")
-        if self.warm:
+        if self.warm or self.counter:
             f.append("WarmState")
+        if self.start_step >= LONG_HORIZON:
+            f.append("LongHorizon")
+        if self.start_step + self.steps >= 2**31:
+            f.append("StepCountInt64")
+        if self.counter:
+            f.append("Scale")
         if self.steps == 1:
             f.append("SingleStep")
         if self.steps >= 8:
@@ -190,6 +220,10 @@ def _common(opt: str) -> list:
         cases += _per_dtype(opt, f"quotient-overflow-{profile}", (3, 5), dtypes=("float64",), grads="overflow-row",
                             profile=profile, hparams={"centralization": 0.0}, steps=3,
                             flags=("QuotientOverflow",))
+    # Q1 off with gradients far larger than their normalized value: the interpolation's g/s - g
+    # must stay in W (one R); rounded to 16 bits first it loses g/s (FLAGS.md: LargeGradient)
+    cases += _per_dtype(opt, "documented-large-grad", (4, 6), dtypes=LOW, profile="documented", scale=100.0,
+                        steps=3, hparams={"normalization": 1.0}, flags=("QuirksOff", "LargeGradient"))
     cases += _per_dtype(opt, "documented", (3, 5), profile="documented", flags=("QuirksOff",))
     cases += _per_dtype(opt, "documented", (9,), profile="documented", flags=("QuirksOff",))
     cases += _per_dtype(opt, "array-api-mean", (9,), quirks={"torch_empty_axis_mean": False},
@@ -197,9 +231,25 @@ def _common(opt: str) -> list:
     return cases
 
 
+def _depth(opt: str) -> list:
+    """Scale and long-horizon cases, in every dtype (FLAGS.md: Scale, LongHorizon)."""
+    cases = []
+    for shape, label, hparams in SCALE_SHAPES:
+        cases += _per_dtype(opt, f"scale-{label}", shape, steps=1, counter=True, start_step=SCALE_START,
+                            hparams={**SCALE_HPARAMS[opt], **hparams},
+                            flags=("GlobalStd",) if hparams.get("normalize_channels") is False else ())
+    horizon = {"saveus": {"lr": BIG_LR_SAVEUS},
+               # eps_floor: eps * sqrt(t) passes the floor between 10**3 and 10**5
+               "dope": {"lr": BIG_LR_DOPE, "momentum_beta": 0.9, "eps_floor": 1e-4, "clip": 0.0}}[opt]
+    for start in HORIZONS:
+        cases += _per_dtype(opt, f"horizon-{start}", (4, 6), steps=3, warm=12, start_step=start,
+                            hparams=horizon, flags=("EpsFloor", "ClipOff") if opt == "dope" else ())
+    return cases
+
+
 def saveus_cases() -> list:
     o = "saveus"
-    cases = _common(o)
+    cases = _common(o) + _depth(o)
     cases += _per_dtype(o, "decoupled-clip", (4, 6),
                         hparams={"lr": BIG_LR_SAVEUS, "weight_decay": 0.1, "decouple_weight_decay": True,
                                  "clip_gradients": True},
@@ -238,7 +288,7 @@ def saveus_cases() -> list:
 
 def dope_cases() -> list:
     o = "dope"
-    cases = _common(o)
+    cases = _common(o) + _depth(o)
     cases += _per_dtype(o, "floor-nocautious-noclip", (4, 6),
                         hparams={"eps_floor": 1e-3, "cautious": False, "clip": 0.0},
                         flags=("EpsFloor", "CautiousOff", "ClipOff"))
@@ -268,6 +318,11 @@ def dope_cases() -> list:
                         pscale=1e-155, hparams={"lr": BIG_LR_DOPE, "eps": 1e-10, "eps2": 1e-10, "weight_decay": 0.0,
                                                 "normalization": 0.0, "centralization": 0.0, "clip": 0.0},
                         flags=("KnifeEdge", "SubnormalProducts", "NormalizationOff", "ClipOff", "DecayOff"))
+    # D12 with k = 0 (A5): diff_mult < 0 and eps2 = 0 make every u oppose g; sigma = n / 1e-8
+    # overflows float16, the mask R(P * sigma) is 0 all the same (FLAGS.md: ZeroCount)
+    cases += _per_dtype(o, "zero-count", (3, 5), steps=3,
+                        hparams={"lr": BIG_LR_DOPE, "diff_mult": -1.0, "eps2": 0.0, "gamma": 0.0},
+                        flags=("ZeroCount", "DiffMult"))
     cases += _per_dtype(o, "clip-tiny-norm", (3, 5), f16=F16_TINY, grads="tiny", scale=1e-7,
                         hparams={"normalization": 0.0, "centralization": 0.0, "clip": 1.0, "momentum_beta": 0.9},
                         flags=("IllConditioned", "ClipEpsilon"))

@@ -23,9 +23,9 @@ import numpy as np
 
 from .. import SPEC_VERSION
 from ..conformance import tolerance
-from ..conformance.encoding import encode, np_dtype
-from ..conformance.vectors import (CHECKSUMS, FORMAT, FORMAT_VERSION, STATE_NAMES, VECTORS_SUBDIR,
-                                  default_dir, hparams_from_json)
+from ..conformance.encoding import encode, encode_compressed, np_dtype
+from ..conformance.vectors import (CHECKSUMS, FORMAT, STATE_NAMES, VECTORS_SUBDIR, Generated, default_dir,
+                                  hparams_from_json, materialize)
 from . import catalog, mca
 
 SAMPLES = 32
@@ -99,7 +99,10 @@ def _golden(opt, param0, grads, state0) -> list:
 
 
 def inputs(case: catalog.Case):
-    """(param0, grads, state0) of a case, exact in its dtype."""
+    """(param0, grads, state0) of a case, exact in its dtype. For a format-2 (counter) case each
+    input is a ``Generated`` (``vectors.materialize`` makes the array), as its file names it."""
+    if case.counter:
+        return _counter_inputs(case)
     rng = np.random.Generator(np.random.PCG64(case_seed(case.name)))
     param0 = _exact(rng.standard_normal(case.shape) * case.pscale, case.dtype)
     state0 = None
@@ -109,7 +112,39 @@ def inputs(case: catalog.Case):
         p, st = warm[-1]
         param0 = _exact(p, case.dtype)
         state0 = {k: (v if k == "step" else _exact(v, case.dtype)) for k, v in st.items()}
+        if case.start_step:  # a long horizon: the buffers of a short run, the count of a long one
+            state0["step"] = case.start_step
     return param0, _grads(case, rng, case.steps), state0
+
+
+def _counter_inputs(case):
+    """Streams: 0 the parameter, 1..steps the gradients, 16 + i the i-th state buffer."""
+    seed = case_seed(case.name)
+
+    def make(stream, exponent=0, centred=True):
+        return Generated(seed, stream, exponent, centred, case.dtype, tuple(case.shape))
+
+    grads = [make(1 + i) for i in range(case.steps)]
+    buffers = catalog.COUNTER_STATE[case.optimizer]
+    state0 = {"step": case.start_step,
+              **{k: make(16 + i, *buffers[k]) for i, k in enumerate(STATE_NAMES[case.optimizer])}}
+    return make(0), grads, state0
+
+
+def judged_indices(shape, stride: int = 64, edge: int = 64) -> np.ndarray:
+    """The elements a scale vector judges (flat C-order indices): every ``stride``-th, the first and
+    last ``edge`` of the tensor, and the first and last ``edge`` of every row when rows (the last
+    axis) are at least ``2 * edge`` long: where block-wise reductions and vectorised tails go wrong.
+    Judging a subset keeps the files small and the chance that an honest port exceeds its budget
+    somewhere by bad luck as small as for a small vector (spec/tolerance.md)."""
+    n = int(np.prod(shape, dtype=np.int64))
+    i = np.arange(n)
+    keep = (i % stride == 0) | (i < edge) | (i >= n - edge)
+    row = shape[-1] if len(shape) else 1
+    if row >= 2 * edge:
+        j = i % row
+        keep |= (j < edge) | (j >= row - edge)
+    return i[keep]
 
 
 def _optimizer(case):
@@ -120,12 +155,16 @@ def _optimizer(case):
                quirks=case.quirks or None)
 
 
+def _input_json(x, dtype):
+    return x.as_json() if isinstance(x, Generated) else encode(x, dtype)
+
+
 def vector_id(case, param0, grads, state0) -> str:
     canon = {
         "optimizer": case.optimizer, "profile": case.profile, "quirks": case.full_quirks(),
         "hparams": case.full_hparams(), "dtype": case.dtype, "shape": list(case.shape),
-        "param0": encode(param0, case.dtype), "grads": [encode(g, case.dtype) for g in grads],
-        "state0": None if state0 is None else {k: (v if k == "step" else encode(v, case.dtype))
+        "param0": _input_json(param0, case.dtype), "grads": [_input_json(g, case.dtype) for g in grads],
+        "state0": None if state0 is None else {k: (v if k == "step" else _input_json(v, case.dtype))
                                               for k, v in state0.items()},
     }
     blob = json.dumps(canon, sort_keys=True, separators=(",", ":")).encode()
@@ -134,30 +173,78 @@ def vector_id(case, param0, grads, state0) -> str:
 
 def build(case: catalog.Case) -> tuple:
     """(id, document) of one case."""
-    opt = _optimizer(case)
     param0, grads, state0 = inputs(case)
-    gold = _golden(opt, param0, grads, state0)
+    doc = document(case, param0, grads, state0, judged=judged_indices(case.shape) if case.counter else None)
+    return doc["id"], doc
+
+
+class NothingToJudge(Exception):
+    """Every element of a case is unstable (``document(..., exclude_unstable=True)``)."""
+
+
+def unstable(golden, drawn) -> np.ndarray:
+    """Where the samples ``drawn`` [N, ...] disagree with ``golden`` on being NaN, infinite or finite:
+    a rounding can decide it, so no result there is right or wrong."""
+    g = np.asarray(golden, dtype=np.float64)[None]
+    with np.errstate(invalid="ignore"):
+        nan = np.isnan(g) & ~np.isnan(drawn)
+        inf = np.isinf(g) & (drawn != g)
+        finite = np.isfinite(g) & ~np.isfinite(drawn)
+    return np.any(nan | inf | finite, axis=0)
+
+
+def document(case: catalog.Case, param0, grads, state0, judged=None, samples: int = SAMPLES,
+             exclude_unstable: bool = False) -> dict:
+    """The vector file of ``case`` run from these inputs (arrays, or Generated for format 2): the
+    golden, the Monte Carlo budgets (``samples`` runs), and the checks of ``_check``. The elements
+    listed in ``judged`` (flat indices) are stored, compressed, in format 2. ``exclude_unstable``
+    (the fuzzer's cases) judges only the elements ``unstable`` leaves, instead of refusing a case
+    with any (``NothingToJudge`` when none is left)."""
+    opt = _optimizer(case)
+    arrays = [materialize(param0), [materialize(g) for g in grads],
+              None if state0 is None else {k: (v if k == "step" else materialize(v)) for k, v in state0.items()}]
+    gold = _golden(opt, *arrays)
     seed = case_seed(case.name, "mca")
-    samples = mca.run(opt, param0, grads, dtype=case.dtype, state0=state0, samples=SAMPLES, seed=seed)
+    runs = mca.run(opt, arrays[0], arrays[1], dtype=case.dtype, state0=arrays[2], samples=samples, seed=seed)
     names = STATE_NAMES[case.optimizer]
+    if exclude_unstable:
+        bad = np.zeros(case.shape, dtype=bool)
+        for (gp, gs), (sp, ss) in zip(gold, runs):
+            bad |= unstable(gp, sp)
+            for k in names:
+                bad |= unstable(gs[k], ss[k])
+        if bad.any():
+            stable = np.flatnonzero(~bad.reshape(-1))
+            judged = stable if judged is None else np.intersect1d(judged, stable)
+            if judged.size == 0:
+                raise NothingToJudge(f"{case.name}: every element is unstable")
+    version = 2 if case.counter or judged is not None else 1
+
+    def part(x):
+        return x if judged is None else np.asarray(x).reshape(-1)[judged]
+
+    def expected(x):
+        return encode_compressed(part(x), "float64") if version >= 2 else encode(x, "float64")
+
     steps = []
-    for i, ((gp, gs), (sp, ss)) in enumerate(zip(gold, samples)):
+    for i, ((gp, gs), (sp, ss)) in enumerate(zip(gold, runs)):
         budget = mca.budget(sp, gp)
         sbudget = {k: mca.budget(ss[k], gs[k]) for k in names}
-        _check(case, i, gp, budget, gs, sbudget, sp, ss)
+        if not exclude_unstable:
+            _check(case, i, gp, budget, gs, sbudget, sp, ss)
         steps.append({
-            "grad": encode(grads[i], case.dtype),
-            "param": encode(gp, "float64"),
-            "budget": encode(budget, "float64"),
-            "state": {"step": gs["step"], **{k: encode(gs[k], "float64") for k in names}},
-            "state_budget": {k: encode(sbudget[k], "float64") for k in names},
+            "grad": _input_json(grads[i], case.dtype),
+            "param": expected(gp),
+            "budget": expected(budget),
+            "state": {"step": gs["step"], **{k: expected(gs[k]) for k in names}},
+            "state_budget": {k: expected(sbudget[k]) for k in names},
         })
-    vid = vector_id(case, param0, grads, state0)
+    numel = int(np.prod(case.shape, dtype=np.int64))
     doc = {
         "format": FORMAT,
-        "format_version": FORMAT_VERSION,
+        "format_version": version,
         "spec_version": SPEC_VERSION,
-        "id": vid,
+        "id": vector_id(case, param0, grads, state0),
         "name": case.name,
         "description": case.describe(),
         "optimizer": case.optimizer,
@@ -168,14 +255,17 @@ def build(case: catalog.Case) -> tuple:
         "shape": list(case.shape),
         "clauses": list(catalog.clauses(case)),
         "flags": list(case.all_flags()),
-        "tolerance": {"model": "mca-v1", "k": tolerance.K, "floor_ulps": tolerance.FLOOR_ULPS,
-                      "samples": SAMPLES, "estimator": "max-abs-deviation", "seed": seed},
-        "param0": encode(param0, case.dtype),
-        "state0": None if state0 is None else {
-            "step": state0["step"], **{k: encode(state0[k], case.dtype) for k in names}},
-        "steps": steps,
+        "tolerance": {"model": "mca-v2" if numel > mca.LONG_REDUCTION else "mca-v1", "k": tolerance.K,
+                      "floor_ulps": tolerance.FLOOR_ULPS, "samples": samples, "estimator": "max-abs-deviation",
+                      "seed": seed},
     }
-    return vid, doc
+    if version >= 2:
+        doc["judged"] = None if judged is None else encode_compressed(np.asarray(judged, dtype=np.int64), "int64")
+    doc["param0"] = _input_json(param0, case.dtype)
+    doc["state0"] = None if state0 is None else {
+        "step": state0["step"], **{k: _input_json(state0[k], case.dtype) for k in names}}
+    doc["steps"] = steps
+    return doc
 
 
 def _check(case, i, gp, budget, gs, sbudget, sp, ss):

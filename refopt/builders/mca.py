@@ -32,6 +32,13 @@ _FORMATS = {  # name -> (explicit mantissa bits, min normal exponent, max finite
     "bfloat16": (7, -126, 3.3895313892515355e38),
 }
 _FLOAT_RANK = {"bfloat16": 1, "float16": 1, "float32": 2, "float64": 3}
+#: Reductions over more terms than this draw their sequential rounding errors in one pass
+#: (``MCANamespace._sequential_long``) instead of a Python loop over the terms.
+LONG_REDUCTION = 4096
+#: Arrays of more values than this (all samples together) are rounded on their bit patterns
+#: (``_stochastic_bits``, ``_jitter_bits``): the same distributions, drawn from raw random words.
+#: Smaller ones (every vector of format 1) keep the arithmetic form, so their budgets do not move.
+BIT_ROUNDING_SIZE = 1 << 16
 
 
 @dataclass(frozen=True)
@@ -142,12 +149,53 @@ class MCANamespace:
         return self._stochastic(v, *_FORMATS[dtype.name])
 
     def _jitter(self, v):
+        if v.size > BIT_ROUNDING_SIZE:
+            return self._jitter_bits(v)
         r = self.rng.integers(0, 4, size=v.shape)  # 0, 1: stay; 2: up; 3: down
         up, down = np.nextafter(v, np.inf), np.nextafter(v, -np.inf)
         out = np.where(r == 2, up, np.where(r == 3, down, v))
         return np.where((v == 0) | ~np.isfinite(v), v, out)
 
+    def _jitter_bits(self, v):
+        """``_jitter`` on the bit patterns: +-1 on the magnitude's bits is one ulp away from zero
+        or towards it (what ``nextafter`` gives), with probability 1/4 each."""
+        v = np.ascontiguousarray(v, dtype=np.float64)
+        r = self.rng.bit_generator.random_raw(v.size).reshape(v.shape) & np.uint64(3)
+        step = (r == 2).astype(np.int64) - (r == 3)
+        moved = (v.view(np.int64) + step).view(np.float64)
+        return np.where((v == 0) | ~np.isfinite(v), v, moved)
+
     def _stochastic(self, v, nmant, minexp, fmax):
+        if v.size > BIT_ROUNDING_SIZE:
+            return self._stochastic_bits(v, nmant, minexp, fmax)
+        return self._stochastic_arithmetic(v, nmant, minexp, fmax)
+
+    def _stochastic_bits(self, v, nmant, minexp, fmax):
+        """``_stochastic`` on the bit patterns, for large arrays: adding a uniform random integer
+        below the format's last mantissa bit to the magnitude's float64 bits and clearing those bits
+        rounds away from zero with probability equal to the distance from the value below, which
+        is stochastic rounding. Values in the format's subnormal range (whose quantum is fixed)
+        go through ``_stochastic``'s arithmetic."""
+        v = np.ascontiguousarray(v, dtype=np.float64)
+        drop = np.uint64(52 - nmant)
+        bits = self.rng.bit_generator.random_raw(v.size).reshape(v.shape)
+        bits >>= np.uint64(64) - drop
+        bits += v.view(np.uint64)  # an infinity or NaN keeps its exponent bits, and stays one
+        bits &= ~((np.uint64(1) << drop) - np.uint64(1))
+        out = bits.view(np.float64)
+        magnitude = bits & np.uint64(0x7FFFFFFFFFFFFFFF)  # |out|'s bits, ordered as |out| is
+        over = magnitude > np.float64(fmax).view(np.uint64)
+        over &= magnitude < np.float64(np.inf).view(np.uint64)  # not NaN or already infinite
+        if over.any():
+            out[over] = np.copysign(np.inf, out[over])
+        magnitude = v.view(np.uint64) & np.uint64(0x7FFFFFFFFFFFFFFF)
+        magnitude -= np.uint64(1)  # zero wraps to the largest word: not tiny
+        tiny = magnitude < np.float64(2.0**minexp).view(np.uint64) - np.uint64(1)
+        if tiny.any():
+            out[tiny] = self._stochastic_arithmetic(v[tiny], nmant, minexp, fmax)
+        return out
+
+    def _stochastic_arithmetic(self, v, nmant, minexp, fmax):
         with np.errstate(invalid="ignore", over="ignore"):
             finite = np.isfinite(v)
             a = np.where(finite, v, 0.0)
@@ -249,7 +297,8 @@ class MCANamespace:
         dtype = _promote(a.dtype, b.dtype)
         va, vb = self._align(a, b)
         with np.errstate(all="ignore"):
-            v = op(va.astype(np.float64), vb.astype(np.float64)) if dtype.floating else op(va, vb)
+            v = op(np.asarray(va, dtype=np.float64), np.asarray(vb, dtype=np.float64)) if dtype.floating \
+                else op(va, vb)
         return MArray(self, self._round(v, dtype), dtype)
 
     def _compare(self, a, b, op):
@@ -326,12 +375,16 @@ class MCANamespace:
         if not x.dtype.floating:
             return v.sum(axis=-1), n, out_shape
         # random order per sample and element, then sequential or pairwise accumulation
-        order = np.argsort(self.rng.random(size=v.shape), axis=-1)
-        v = np.take_along_axis(v, order, axis=-1)
-        seq = v[..., 0] if n else np.zeros(v.shape[:-1])
-        for i in range(1, n):
-            with np.errstate(all="ignore"):
-                seq = self._round(seq + v[..., i], x.dtype)
+        if n > LONG_REDUCTION:
+            v = self.rng.permuted(v, axis=-1)
+            seq = self._sequential_long(v, x.dtype)
+        else:
+            order = np.argsort(self.rng.random(size=v.shape), axis=-1)
+            v = np.take_along_axis(v, order, axis=-1)
+            seq = v[..., 0] if n else np.zeros(v.shape[:-1])
+            for i in range(1, n):
+                with np.errstate(all="ignore"):
+                    seq = self._round(seq + v[..., i], x.dtype)
         tree = v
         while tree.shape[-1] > 1:
             m = tree.shape[-1]
@@ -341,6 +394,40 @@ class MCANamespace:
         tree = tree[..., 0] if n else seq
         pick = self.rng.random(size=(x.v.shape[0],) + (1,) * (seq.ndim - 1)) < 0.5
         return np.where(pick, seq, tree), n, out_shape
+
+    def _sequential_long(self, v, dtype):
+        """A sequential sum of a long reduction, each addition rounded as ``_round`` does, without
+        a Python loop over the terms: the partial sums are the exact prefix sums (float64
+        ``cumsum``) and each addition's rounding error is drawn at its partial sum, independently.
+        For a 16/32-bit format the float64 prefix sums are exact to far below the format's ulp;
+        the drift of the rounded partial sum from the exact one (a random walk of a few ulps of the
+        sum) moves where each error is drawn, not its distribution. For float64, ``cumsum`` is the
+        round-to-nearest sequential sum itself and the draws are ``_jitter``'s one-ulp moves."""
+        with np.errstate(all="ignore"):
+            partial = np.cumsum(v, axis=-1)
+            total = partial[..., -1]
+            partial = partial[..., 1:]  # the first term is not an addition
+            if dtype == FLOAT64:
+                r = self.rng.integers(0, 4, size=partial.shape)
+                moves = (r == 2).astype(np.float64) - (r == 3)
+                out = total + np.sum(moves * np.spacing(np.abs(partial)), axis=-1)
+            elif dtype == FLOAT32 and self.target == FLOAT64:  # deterministic float32 (Q5)
+                return np.cumsum(v.astype(np.float32), axis=-1)[..., -1].astype(np.float64)
+            else:
+                nmant, minexp, fmax = _FORMATS[dtype.name]
+                _, e = np.frexp(partial)
+                quantum = np.ldexp(1.0, np.maximum(e - 1, minexp) - nmant)
+                scaled = partial / quantum
+                below = scaled - np.floor(scaled)  # where the exact partial sum sits in its gap
+                up = self.rng.random(size=partial.shape) < below
+                out = total + np.sum(quantum * (up - below), axis=-1)
+                out = self._stochastic(out, nmant, minexp, fmax)
+                # a partial sum beyond the format's range overflows, and stays infinite
+                over = np.abs(partial) > fmax
+                first = np.argmax(over, axis=-1)[..., None]
+                signed = np.copysign(np.inf, np.take_along_axis(partial, first, axis=-1)[..., 0])
+                out = np.where(over.any(axis=-1), signed, out)
+        return np.where(np.isfinite(total), out, total)
 
     def sum(self, x, axis=None, keepdims=False, dtype=None):
         s, _, shape = self._sum(x, axis, keepdims)

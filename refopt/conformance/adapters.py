@@ -322,14 +322,7 @@ class TorchAdapter(Adapter):
         call_port(self.name, opt.step)
         with torch.no_grad():
             self._set_param(p, to(case.param))
-        st = opt.state[p]
-        for name, value in case.state.items():
-            if name == "step":
-                old = st.get("step")
-                st["step"] = (torch.tensor(float(value), dtype=old.dtype, device=old.device)
-                              if torch.is_tensor(old) else type(old or 0)(value))
-            else:
-                st[name] = self._buffer(to(value), p)
+        overwrite_state(torch, lambda value: self._buffer(to(value), p), opt.state[p], case.state)
         p.grad = None
 
     def _set_param(self, p, value) -> None:
@@ -338,6 +331,18 @@ class TorchAdapter(Adapter):
     def _buffer(self, value, p):
         """A given state buffer as the port gets it (laid out like ``p``)."""
         return value
+
+
+def overwrite_state(torch, to, st: dict, given: dict) -> None:
+    """Write a given state over the one a torch port made: buffers as tensors, ``step`` keeping
+    the port's own type (an int, or a tensor of its dtype)."""
+    for name, value in given.items():
+        if name == "step":
+            old = st.get("step")
+            st["step"] = (torch.tensor(float(value), dtype=old.dtype, device=old.device)
+                          if torch.is_tensor(old) else type(old or 0)(value))
+        else:
+            st[name] = to(value)
 
 
 # -- optax factories ---------------------------------------------------------------------------

@@ -91,8 +91,8 @@ def _score(vector, variant_outputs, port_outputs) -> tuple[bool, float]:
     steps = []
     for k, (var, _) in enumerate(zip(variant_outputs, port_outputs)):
         st = vector.steps[k]
-        state = dict(st.state, **{n: var.state[n].astype("float64") for n in var.state})
-        steps.append(dataclasses.replace(st, param=var.param.astype("float64"), state=state))
+        state = dict(st.state, **{n: vector.judged_part(var.state[n]).astype("float64") for n in var.state})
+        steps.append(dataclasses.replace(st, param=vector.judged_part(var.param).astype("float64"), state=state))
     fake = dataclasses.replace(vector, steps=tuple(steps))
     status, worst, _, _, _ = judge_outputs(fake, port_outputs[: len(steps)])
     return status == "passed", worst

@@ -28,6 +28,8 @@ class Judgement:
     bitwise_equal: int          # elements equal to the golden rounded to the vector dtype, bit for bit
     first_bad: tuple | None     # index (C order) of the first failing element, or None
     reason: str                 # "" when passed, else what failed first
+    expected: float | None = None  # the golden at ``first_bad``
+    actual: float | None = None    # the value there
 
     def __str__(self) -> str:
         verdict = "pass" if self.passed else f"FAIL ({self.reason})"
@@ -86,9 +88,12 @@ def judge(vector, step_index, actual, *, what="param", k=None, floor_ulps=None) 
     n = golden.size
     if reason:
         return Judgement(False, n, math.inf, math.inf, 0, None, reason)
-    if a.shape != golden.shape:
-        return Judgement(False, n, math.inf, math.inf, 0, None,
-                         f"shape {tuple(a.shape)} != {tuple(golden.shape)}")
+    judged = getattr(vector, "judged", None) is not None and what != "step"
+    want = tuple(vector.shape) if judged else golden.shape
+    if a.shape != want:
+        return Judgement(False, n, math.inf, math.inf, 0, None, f"shape {tuple(a.shape)} != {tuple(want)}")
+    if judged:  # a format-2 vector judges a listed subset: compare those elements only
+        a = vector.judged_part(a)
     if what == "step":
         ok = bool(a.shape == () and a == golden)
         return Judgement(ok, 1, 0.0 if ok else math.inf, 0.0 if ok else math.inf, int(ok), None if ok else (),
@@ -115,14 +120,15 @@ def judge(vector, step_index, actual, *, what="param", k=None, floor_ulps=None) 
     if not bad.any():
         return Judgement(True, n, worst_units, worst_ulps, bitwise, None, "")
     idx = tuple(int(i) for i in np.unravel_index(int(np.argmax(bad.reshape(-1))), golden.shape))
+    where = vector.full_index(idx) if judged else idx
     if bad_nan[idx]:
         reason = "NaN where golden is finite" if anan[idx] else f"{af[idx]!r} where golden is NaN"
     elif bad_inf[idx]:
         reason = f"{af[idx]!r} where golden is {golden[idx]!r}"
     else:
-        reason = (f"{what}{list(idx)} = {af[idx]!r}, golden {golden[idx]!r}: error {err[idx]:.3g} is "
+        reason = (f"{what}{list(where)} = {af[idx]!r}, golden {golden[idx]!r}: error {err[idx]:.3g} is "
                   f"{units[idx]:.3g} budget units, {ulps[idx]:.3g} ulps (limit {limit[idx]:.3g})")
-    return Judgement(False, n, worst_units, worst_ulps, bitwise, idx, reason)
+    return Judgement(False, n, worst_units, worst_ulps, bitwise, where, reason, float(golden[idx]), float(af[idx]))
 
 
 def _as_numpy(actual, dtype):

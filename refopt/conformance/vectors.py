@@ -3,9 +3,16 @@
 The files are the product; this module is one reader of them. ``load()`` checks every file
 against ``SHA256SUMS`` and the shape of ``schema.json`` before it hands anything out, so a port
 is never judged against a damaged or hand-edited golden.
+
+Two format versions are read. Format 1 stores every array. Format 2 (the scale vectors, whose
+tensors have 2**17 elements and more) may name a tensor instead of storing it (a ``counter``
+tensor, regenerated here on use and cached briefly), compresses what it stores (``zlib_b64``),
+and may judge a listed subset of the elements (``judged``: flat indices; the goldens and budgets
+then hold those elements only, in that order).
 """
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import math
@@ -19,10 +26,13 @@ import numpy as np
 
 from .. import registry
 from ..quirks import Quirks
-from .encoding import decode
+from . import counter
+from .encoding import decode, tensor_form
 
 FORMAT = "refopt-conformance-vector"
+#: The format the small vectors are written in; format 2 for those that need its features.
 FORMAT_VERSION = 1
+FORMAT_VERSIONS = (1, 2)
 VECTORS_SUBDIR = "vectors"
 CHECKSUMS = "SHA256SUMS"
 OPTIMIZERS = tuple(registry.OPTIMIZERS)
@@ -31,6 +41,8 @@ STATE_NAMES = {key: facts.buffers for key, facts in registry.OPTIMIZERS.items()}
 MAX_VECTOR_BYTES = 256 << 20
 MAX_CHECKSUM_BYTES = 4 << 20
 MAX_NDIM = 32
+#: The most elements a generated (format-2 ``counter``) tensor may have.
+MAX_GENERATED = 1 << 26
 #: Vector ids (and so file names): letters, digits, '.', '_', '-'.
 ID_PATTERN = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,99}")
 
@@ -40,13 +52,51 @@ class VectorFileError(Exception):
 
 
 @dataclass(frozen=True)
+class Generated:
+    """A tensor that a format-2 file names instead of storing (``refopt.conformance.counter``)."""
+
+    seed: int
+    stream: int
+    exponent: int
+    centred: bool
+    dtype: str
+    shape: tuple
+
+    def array(self) -> np.ndarray:
+        return _generate(self)
+
+    def as_json(self) -> dict:
+        return {"dtype": self.dtype, "shape": list(self.shape),
+                "counter": {"seed": counter.format_seed(self.seed), "stream": self.stream,
+                            "exponent": self.exponent, "centred": self.centred}}
+
+
+@functools.lru_cache(maxsize=64)
+def _generate(spec: Generated) -> np.ndarray:
+    """Regenerate once and share, read-only: every target of one check reads the same inputs."""
+    out = counter.array(spec.seed, spec.stream, spec.shape, spec.dtype, spec.exponent, spec.centred)
+    out.flags.writeable = False
+    return out
+
+
+def materialize(x):
+    """An input as a NumPy array: stored arrays as they are, generated ones regenerated."""
+    return x.array() if isinstance(x, Generated) else x
+
+
+@dataclass(frozen=True)
 class Step:
-    grad: np.ndarray          # input gradient, in the vector dtype
+    grad_source: object       # input gradient: an ndarray in the vector dtype, or a Generated
     param: np.ndarray         # expected parameter after this step (the golden, float64)
     state: dict               # expected state after this step: {name: float64 ndarray, "step": int}
     budget: np.ndarray        # per-element error budget for param (float64, same shape)
     #: per-element budgets of the state buffers {name: float64 ndarray} (same model as ``budget``)
     state_budget: dict = field(default_factory=dict)
+
+    @property
+    def grad(self) -> np.ndarray:
+        """The input gradient, in the vector dtype."""
+        return materialize(self.grad_source)
 
 
 @dataclass(frozen=True)
@@ -61,12 +111,40 @@ class Vector:
     shape: tuple
     clauses: tuple            # spec clause ids this vector exercises
     flags: tuple              # names explained in conformance/v1/FLAGS.md
-    param0: np.ndarray        # initial parameter, in the vector dtype
-    state0: dict | None       # None = fresh state, else {name: ndarray in the vector dtype, "step": int}
+    param0_source: object     # initial parameter: an ndarray in the vector dtype, or a Generated
+    state0_source: dict | None  # None = fresh state, else {name: ndarray or Generated, "step": int}
     steps: tuple              # tuple[Step, ...]
     tolerance: dict           # {"k": float, "floor_ulps": float, "model": "mca-v1", ...}
     description: str = ""
     path: str = ""            # the file it came from
+    #: flat (C order) indices of the judged elements, or None: all of them. When set, the goldens
+    #: and budgets of ``steps`` hold those elements only, in this order.
+    judged: np.ndarray | None = None
+    format_version: int = FORMAT_VERSION
+
+    @property
+    def param0(self) -> np.ndarray:
+        """The initial parameter, in the vector dtype."""
+        return materialize(self.param0_source)
+
+    @property
+    def state0(self) -> dict | None:
+        """None for a fresh state, else ``{name: ndarray in the vector dtype, "step": int}``."""
+        if self.state0_source is None:
+            return None
+        return {k: (v if k == "step" else materialize(v)) for k, v in self.state0_source.items()}
+
+    def judged_part(self, full) -> np.ndarray:
+        """The judged elements of a full-shape array (the whole array when all are judged)."""
+        a = np.asarray(full)
+        return a if self.judged is None else a.reshape(-1)[self.judged]
+
+    def full_index(self, index) -> tuple:
+        """The index in the tensor of element ``index`` of a judged (golden-shaped) array."""
+        if self.judged is None:
+            return tuple(index)
+        flat = int(self.judged[int(index[0])])
+        return tuple(int(i) for i in np.unravel_index(flat, self.shape))
 
     def optimizer_hparams(self) -> dict:
         """Keyword arguments for refopt.SAVEUS/DOPE (reference names), clip_lambda as a callable."""
@@ -261,19 +339,57 @@ def _short(exc, limit: int = 200) -> str:
     return text if len(text) <= limit else text[:limit] + "..."
 
 
-def _state(obj, names, where, dtype=None):
+def _input(obj, where, version, dtype, shape):
+    """An input tensor (param0, a state0 buffer, a gradient): stored, or a Generated (format 2)."""
+    if tensor_form(obj, version, where) == "counter":
+        spec = obj["counter"]
+        if set(spec) != {"seed", "stream", "exponent", "centred"}:
+            raise ValueError(f"{where}.counter: expected keys seed, stream, exponent, centred")
+        if obj["dtype"] not in counter.PRECISION:
+            raise ValueError(f"{where}: a generated tensor must be float16, bfloat16, float32 or float64")
+        for key in ("stream", "exponent"):
+            if not isinstance(spec[key], int) or isinstance(spec[key], bool) or (key == "stream" and spec[key] < 0):
+                raise ValueError(f"{where}.counter.{key} must be an integer" + (" >= 0" if key == "stream" else ""))
+        if not isinstance(spec["centred"], bool):
+            raise ValueError(f"{where}.counter.centred must be true or false")
+        if not isinstance(obj["shape"], list) or math.prod(obj["shape"]) > MAX_GENERATED:
+            raise ValueError(f"{where}: a generated tensor has at most {MAX_GENERATED} elements")
+        x = Generated(counter.parse_seed(spec["seed"]), spec["stream"], spec["exponent"], spec["centred"],
+                      obj["dtype"], tuple(obj["shape"]))
+    else:
+        x = decode(obj, where, version)
+    if tuple(x.shape) != shape or obj["dtype"] != dtype:
+        raise ValueError(f"{where} is {obj['dtype']}{list(x.shape)}, expected {dtype}{list(shape)}")
+    return x
+
+
+def _expected(obj, where, version, shape):
+    """A golden or budget array: stored float64, shaped like the judged elements."""
+    x = decode(obj, where, version)
+    if obj["dtype"] != "float64" or x.shape != shape:
+        raise ValueError(f"{where} is {obj['dtype']}{list(x.shape)}, expected float64{list(shape)}")
+    return x
+
+
+def _step_count(obj, where):
     if not isinstance(obj, dict):
         raise ValueError(f"{where} must be an object")
-    out = {"step": obj["step"]}
-    if not isinstance(out["step"], int) or isinstance(out["step"], bool) or not 0 <= out["step"] < 2**62:
+    step = obj["step"]
+    if not isinstance(step, int) or isinstance(step, bool) or not 0 <= step < 2**62:
         raise ValueError(f"{where}.step must be an integer in [0, 2**62)")
-    for k in names:
-        out[k] = decode(obj[k], f"{where}.{k}")
-        if dtype is not None and str(obj[k]["dtype"]) != dtype:
-            raise ValueError(f"{where}.{k} has dtype {obj[k]['dtype']}, expected {dtype}")
-    return out
+    return step
 
 
+def _judged(doc, version, shape):
+    if version < 2 or doc["judged"] is None:
+        return None
+    idx = decode(doc["judged"], "judged", version)
+    n = int(np.prod(shape, dtype=np.int64))
+    if doc["judged"]["dtype"] != "int64" or idx.ndim != 1 or idx.size == 0:
+        raise ValueError("judged must be a non-empty 1-D int64 array of flat indices")
+    if np.any(idx < 0) or np.any(idx >= n) or np.any(np.diff(idx) <= 0):
+        raise ValueError(f"judged must be increasing flat indices in [0, {n})")
+    return idx
 
 
 def _string(value, what, pattern=None) -> str:
@@ -308,8 +424,9 @@ def _budget(arr, what):
 def _build(doc, where) -> Vector:
     if not isinstance(doc, dict):
         raise ValueError("top level must be an object")
-    if doc.get("format") != FORMAT or doc.get("format_version") != FORMAT_VERSION:
-        raise ValueError(f"format must be {FORMAT!r} version {FORMAT_VERSION}")
+    version = doc.get("format_version")
+    if doc.get("format") != FORMAT or version not in FORMAT_VERSIONS or isinstance(version, bool):
+        raise ValueError(f"format must be {FORMAT!r} version {' or '.join(map(str, FORMAT_VERSIONS))}")
     opt = doc["optimizer"]
     if opt not in OPTIMIZERS:
         raise ValueError(f"optimizer {_short(repr(opt), 60)} is not one of {', '.join(OPTIMIZERS)}")
@@ -325,36 +442,38 @@ def _build(doc, where) -> Vector:
     if not isinstance(doc["hparams"], dict) or not isinstance(doc["steps"], list):
         raise ValueError("hparams must be an object and steps a list")
     dtype, shape = doc["dtype"], tuple(doc["shape"])
-    param0 = decode(doc["param0"], "param0")
-    if param0.shape != shape or doc["param0"]["dtype"] != dtype:
-        raise ValueError(f"param0 is {doc['param0']['dtype']}{list(param0.shape)}, expected {dtype}{list(shape)}")
+    judged = _judged(doc, version, shape)
+    golden_shape = shape if judged is None else judged.shape
+    param0 = _input(doc["param0"], "param0", version, dtype, shape)
     if sorted(doc["quirks"]) != sorted(Quirks.names()) or not all(isinstance(v, bool) for v in doc["quirks"].values()):
         raise ValueError(f"quirks must set each of {', '.join(Quirks.names())} to true or false")
-    state0 = None if doc["state0"] is None else _state(doc["state0"], names, "state0", dtype)
+    state0 = None
+    if doc["state0"] is not None:
+        state0 = {"step": _step_count(doc["state0"], "state0"),
+                  **{k: _input(doc["state0"][k], f"state0.{k}", version, dtype, shape) for k in names}}
     steps = []
     for i, s in enumerate(doc["steps"]):
         w = f"steps[{i}]"
-        grad = decode(s["grad"], f"{w}.grad")
-        param, budget = decode(s["param"], f"{w}.param"), decode(s["budget"], f"{w}.budget")
-        for what, a in (("grad", grad), ("param", param), ("budget", budget)):
-            if a.shape != shape:
-                raise ValueError(f"{w}.{what} has shape {list(a.shape)}, expected {list(shape)}")
         if not isinstance(s["state_budget"], dict) or not set(s["state_budget"]) <= set(names):
             raise ValueError(f"{w}.state_budget must be an object with keys among {', '.join(names)}")
-        state_budget = {k: _budget(decode(v, f"{w}.state_budget.{k}"), f"{w}.state_budget.{k}")
-                        for k, v in s["state_budget"].items()}
-        if any(b.shape != shape for b in state_budget.values()):
-            raise ValueError(f"{w}.state_budget arrays must have shape {list(shape)}")
-        steps.append(Step(grad=grad, param=param, budget=_budget(budget, f"{w}.budget"),
-                          state=_state(s["state"], names, f"{w}.state", "float64"), state_budget=state_budget))
+        state = {"step": _step_count(s["state"], f"{w}.state"),
+                 **{k: _expected(s["state"][k], f"{w}.state.{k}", version, golden_shape) for k in names}}
+        steps.append(Step(grad_source=_input(s["grad"], f"{w}.grad", version, dtype, shape),
+                          param=_expected(s["param"], f"{w}.param", version, golden_shape),
+                          budget=_budget(_expected(s["budget"], f"{w}.budget", version, golden_shape), f"{w}.budget"),
+                          state=state,
+                          state_budget={k: _budget(_expected(v, f"{w}.state_budget.{k}", version, golden_shape),
+                                                   f"{w}.state_budget.{k}")
+                                        for k, v in s["state_budget"].items()}))
     if not steps:
         raise ValueError("steps is empty")
     vector = Vector(
         id=doc["id"], name=_string(doc["name"], "name"), optimizer=opt, profile=doc["profile"],
         quirks=dict(doc["quirks"]), hparams=dict(doc["hparams"]), dtype=dtype, shape=shape,
-        clauses=_strings(doc["clauses"], "clauses"), flags=_strings(doc["flags"], "flags"), param0=param0,
-        state0=state0, steps=tuple(steps), tolerance=_tolerance(doc["tolerance"]),
+        clauses=_strings(doc["clauses"], "clauses"), flags=_strings(doc["flags"], "flags"), param0_source=param0,
+        state0_source=state0, steps=tuple(steps), tolerance=_tolerance(doc["tolerance"]),
         description=_string(doc.get("description", ""), "description"), path=str(where),
+        judged=judged, format_version=version,
     )
     _check_hparams(vector)
     return vector

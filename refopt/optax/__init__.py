@@ -32,7 +32,8 @@ tolerance model (one unit in the last place of the parameter's scale). ``refopt.
 grads, state, params)`` returns the core's new parameters exactly.
 
 State. ``SAVEUSState(step, ema, ema_squared)`` / ``DOPEState(step, exp_avg, fim, fim_diff,
-prev_grad)``: one int32 0-d ``step`` (updates done; all leaves step together) and one pytree per
+prev_grad)``: one 0-d integer ``step`` (updates done; all leaves step together; int64 with x64, so
+it counts past 2**31 - 1 exactly as S0/D0 require, else JAX's int32) and one pytree per
 core buffer, shaped like ``params`` (and sharded like it). They are the core's NamedTuples
 (``refopt.SAVEUSState``/``refopt.DOPEState``, fields readable as attributes or keys) holding
 pytrees where the core holds arrays.
@@ -55,6 +56,7 @@ runs eagerly and cannot be used under ``jax.jit``.
 from __future__ import annotations
 
 import copy
+import functools
 import inspect
 from typing import Any, Callable, Union
 
@@ -63,7 +65,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from .. import _docs
+from .. import _docs, _validate
 from .._arrays import is_real_floating
 from .._optimizer import Optimizer
 from .._state import DOPEState, SAVEUSState  # the core's containers; here each field is a pytree
@@ -105,7 +107,7 @@ def _factory_docs(fn, core):
         fn.__doc__, _docs.args_section(facts, extra=alias), _docs.update_section(facts, core.UPDATE),
         _docs.state_section(facts).replace(f"State: {facts.name}State(",
                                            f"State: refopt.{facts.name}State(") + "\n    (each buffer a pytree "
-        "shaped like params; one int32 step for all leaves)",
+        "shaped like params; one integer step for all leaves: int64 with x64, else int32)",
         f"Example:\n    >>> tx = refopt.optax.{fn.__name__}(1e-3)\n    >>> state = tx.init(params)\n"
         "    >>> updates, state = tx.update(grads, state, params)   # params are required\n"
         "    >>> params = optax.apply_updates(params, updates)"])
@@ -115,13 +117,18 @@ _factory_docs(saveus, SAVEUS)
 _factory_docs(dope, DOPE)
 
 
-def transform(cls: type[Optimizer], learning_rate: ScalarOrSchedule | None = None,
-              **hparams) -> optax.GradientTransformationExtraArgs:
+def transform(cls: type[Optimizer], learning_rate: ScalarOrSchedule | None = None, *,
+              fused: bool | None = None, **hparams) -> optax.GradientTransformationExtraArgs:
     """The optax transformation for a core optimizer class (``refopt.SAVEUS`` or ``refopt.DOPE``).
 
     ``hparams`` go to the core constructor, ``profile`` and ``quirks`` included. The step is
     jitted (also when called eagerly) except with ``check_finite=True``, which syncs with the host
-    and so works only outside ``jax.jit``."""
+    and so works only outside ``jax.jit``. ``fused`` (default None: where possible): on the CPU
+    backend of one device with ``jax_enable_x64``, each leaf is stepped by refopt.fused's compiled
+    kernel, an XLA FFI custom call that updates the donated parameter and state in place
+    (refopt/fused/jax_ffi.py); True raises where a leaf cannot be, False never uses it."""
+    if fused is not None and not isinstance(fused, bool):
+        raise TypeError(f"fused must be None, True or False, got {fused!r}")
     if cls not in _STATES:
         raise TypeError(f"refopt.optax.transform: expected refopt.SAVEUS or refopt.DOPE, got {cls!r}")
     learning_rate = _pick_lr(learning_rate, hparams.pop("lr", None))
@@ -156,7 +163,7 @@ def transform(cls: type[Optimizer], learning_rate: ScalarOrSchedule | None = Non
         g_leaves = [jnp.asarray(g) for g in g_leaves]
         new_p, new_bufs = [], [[] for _ in bufs]
         for i, (p, g) in enumerate(zip(leaves, g_leaves)):
-            leaf_step = _rowblock.step if _rowblock.applies(opt, p) else _core_step
+            leaf_step = _leaf_step(opt, p, fused)
             n, s = leaf_step(step_opt, p, g, opt.State(state.step, *(b[i] for b in bufs)))
             new_p.append(n.astype(p.dtype))  # a no-op unless _weak had to fall back
             for acc, x in zip(new_bufs, s[1:]):
@@ -256,9 +263,10 @@ def _leaf_init(opt, path, p):
 
 
 def _step_zero(leaves):
-    """The 0-d int32 count, replicated over the mesh of the first mesh-sharded leaf if any, so an
-    eager first update sees the placement later ones do (one compilation, not two)."""
-    zero = jnp.zeros([], jnp.int32)
+    """The 0-d count, replicated over the mesh of the first mesh-sharded leaf if any, so an eager
+    first update sees the placement later ones do (one compilation, not two). int64 where JAX has
+    it (x64): an int32 count wraps past 2**31 - 1 (S0/D0; the StepCountInt64 vectors)."""
+    zero = jnp.zeros([], jnp.int64 if jax.config.read("jax_enable_x64") else jnp.int32)
     for p in leaves:
         sharding = getattr(p, "sharding", None)
         if isinstance(sharding, jax.sharding.NamedSharding):
@@ -288,6 +296,42 @@ def _weak(x):
 
 def _core_step(opt, p, g, state):
     return opt.step(p, g, state)
+
+
+def _leaf_step(opt, p, fused):
+    """How a leaf is stepped: the fused kernel (CPU, float64 scalars, one device) unless
+    ``fused`` is False or the configuration cannot be fused; else the row-blocked walk for large
+    DOPE leaves; else the core."""
+    if fused is not False and p.size and not opt.check_finite and _fused_leaf(opt, p):
+        return functools.partial(_fused_step, opt)
+    if fused and p.size:  # an empty leaf only counts the step (A6): no kernel needed
+        raise RuntimeError(f"refopt.optax: fused=True, but leaf {p.shape} {p.dtype} cannot take the fused kernel "
+                           "(it needs the CPU backend on one device, jax_enable_x64 and a C compiler)")
+    return _rowblock.step if _rowblock.applies(opt, p) else _core_step
+
+
+def _fused_leaf(opt, p) -> bool:
+    from .. import fused as fused_kernels
+    from ..fused import jax_ffi
+
+    if str(p.dtype) not in ("float16", "bfloat16", "float32", "float64") or not jax_ffi.usable():
+        return False
+    if not fused_kernels.available():
+        return False
+    rows = p.shape[0] if p.ndim >= 2 else 1
+    try:
+        jax_ffi.target_for(opt, p.ndim, str(p.dtype), rows, p.size // rows if rows else 0)
+    except (fused_kernels.TraceError, fused_kernels.CompilerUnavailable):
+        return False
+    return True
+
+
+def _fused_step(static_opt, opt, p, g, state):
+    """``opt`` (whose lr may be a traced schedule value) through the kernel of ``static_opt``."""
+    from ..fused import jax_ffi
+
+    _validate.step_inputs(opt.facts.name, opt.State, p, g, state)
+    return jax_ffi.step(static_opt, p, g, state, runtime=opt.hparams)
 
 
 __all__ = ["saveus", "dope", "transform", "step", "SAVEUSState", "DOPEState", "STATIC_ARGS"]

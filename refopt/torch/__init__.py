@@ -46,6 +46,7 @@ class SAVEUS(TorchOptimizer):
 
     def _scalars(self, core, t, lr):
         s = bias_scalars(core, t)
+        s["lr"] = lr
         s["step_size"] = lr / s["bc1"]  # S3 in float64 (a 0-d float64 tensor for a device lr)
         s["clip"] = None
         if core.clip_gradients and core.clip_lambda is not None:

@@ -84,9 +84,13 @@ def process_grad(b, q, *, c, center: bool, a, normalize: bool, channels: bool):
         if q.aliased_lerp:  # Q1: the lerp of g/s with itself leaves g/s, NaN where it is infinite
             g.div_(s)
             g.lerp_(g, a)
-        else:  # documented interpolation g + a*(g/s - g)
-            torch.div(g, s, out=tmp).sub_(g)
-            g.add_(tmp, alpha=a)
+        else:  # documented interpolation g + a*(g/s - g), one R(.): in float32 for a 16-bit g
+            torch.div(g, s, out=tmp)
+            if g.dtype in LOW:  # (g/s - g) rounded to 16 bits first loses g/s where |g| >> |g/s|
+                w = g.float()
+                g.copy_(w.add_(tmp.float().sub_(w), alpha=a))
+            else:
+                g.add_(tmp.sub_(g), alpha=a)
 
 
 def scalar(xs, c: float):
@@ -282,7 +286,13 @@ def dope_apply(b, lr, scales):
     """DOPE phase 3 (cautious): D12 scale and D14, ``p - lr * ((u * pos) * scale)``; in one
     pass for float32/64, as two rounded ops for 16-bit tensors (and for a device tensor lr)."""
     if b["p"][0].dtype in LOW or isinstance(lr, torch.Tensor):
-        torch._foreach_mul_(b["g"], scales)
+        if b["p"][0].dtype in LOW:
+            for g, scale in zip(b["g"], scales):
+                # the reference's mask is R(P * sigma): 0 where P is 0 even when sigma overflows the
+                # dtype (n / k > 65504 in float16, e.g. k = 0), where (u * P) * R(sigma) is 0 * inf = NaN
+                g.copy_(torch.where(g == 0, g, g * scale))
+        else:
+            torch._foreach_mul_(b["g"], scales)
         add_times_(b["p"], b["g"], -lr)
     else:
         torch._foreach_addcmul_(b["p"], b["g"], scales, value=-lr)

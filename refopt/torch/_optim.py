@@ -12,6 +12,7 @@ import torch
 
 from .. import _docs, registry
 from .._optimizer import bind_hparams
+from . import _fused
 from . import _kernels as K
 from . import _plan, _sharded
 
@@ -81,18 +82,24 @@ ADAPTER_NOTES = """
       results are those of eager mode; ``fullgraph=True`` cannot include it. For one graph,
       compile the core's pure step: ``torch.compile(refopt.DOPE().step, fullgraph=True)``.
 
-    Options: ``profile`` and ``quirks`` as in the core; ``foreach`` (None or True: group small
-    tensors into multi-tensor ``torch._foreach_*`` calls; False: one tensor at a time; the
-    results are the same on CPU); ``cpu_threads`` (default 1). On CPU a step runs its ops on
-    ``cpu_threads`` intra-op threads (it calls ``torch.set_num_threads`` for the step's duration
-    and restores the setting after; ``cpu_threads=None`` leaves torch's setting alone, which
-    suits machines with many cores, where one thread cannot use the memory bandwidth) and processes
-    large tensors in blocks of rows that stay in cache: faster than whole-tensor ops on all
-    threads, which are bound by memory bandwidth, and immune to the stalls of many short
-    parallel regions on a busy machine. Per element nothing changes (the trailing-axis reductions are per row), only DOPE's
-    whole-tensor D3 norm is summed block by block. The optimizer keeps reusable scratch buffers
-    (``scratch_bytes()``: one tensor's worth for DOPE's processed gradient plus a few blocks);
-    they are not part of the state.
+    The fused path (CPU). A plain, contiguous CPU parameter is stepped by one compiled kernel:
+    the core's own clause functions traced and compiled to C (refopt.fused; built with the
+    system C compiler on first use and cached in ``~/.cache/refopt/kernels``). It reads the
+    gradient once per sweep over the tensor (one sweep for SAVEUS with per-channel
+    normalization, three for DOPE: its D3 norm and D12 count are whole-tensor), writes the
+    parameter and state in place, keeps no temporary of the parameter's size, and computes per
+    element what the core computes (sums in another order). ``fused`` (default None: where
+    possible; True: raise if a CPU parameter cannot be fused; False: never) chooses; without a
+    compiler, or for a ``clip_lambda`` that is not arithmetic on its argument, parameters take
+    the eager kernels (``torch._foreach_*`` ops in the reference's order), as on other devices.
+
+    Options: ``profile`` and ``quirks`` as in the core; ``foreach`` (eager kernels: None or True
+    group small tensors into multi-tensor ``torch._foreach_*`` calls; False, one tensor at a
+    time; the results are the same on CPU); ``cpu_threads`` (default None: torch's setting,
+    ``torch.get_num_threads()``): the threads of a CPU step, for the fused kernels and the eager
+    ops alike (with an int the step sets ``torch.set_num_threads`` for its duration and restores
+    it after; with 1 the eager kernels process large tensors in cache-sized blocks of rows). The
+    eager kernels keep reusable scratch buffers (``scratch_bytes()``); they are not state.
 
     Parameters may be float16, bfloat16, float32 or float64, on any device; parameters whose
     ``grad`` is None are skipped; empty parameters only count the step (A6).
@@ -107,7 +114,7 @@ ADAPTER_NOTES = """
 
 
 _OPTIONS = (("profile", "reference"), ("quirks", None), ("foreach", None), ("maximize", False),
-            ("differentiable", False), ("cpu_threads", 1))
+            ("differentiable", False), ("cpu_threads", None), ("fused", None))
 
 
 class TorchOptimizer(torch.optim.Optimizer):
@@ -128,11 +135,17 @@ class TorchOptimizer(torch.optim.Optimizer):
             cls.__init__ = _make_init(cls)
             cls.__doc__ = _class_doc(cls)
 
-    def _setup(self, params, hparams: dict, *, cpu_threads=1, **options):
+    def _setup(self, params, hparams: dict, *, cpu_threads=None, fused=None, **options):
         if cpu_threads is not None and (isinstance(cpu_threads, bool) or not isinstance(cpu_threads, int)
                                         or cpu_threads < 1):
             raise ValueError(f"cpu_threads must be None or a positive int, got {cpu_threads!r}")
+        if fused is not None and not isinstance(fused, bool):
+            raise TypeError(f"fused must be None, True or False, got {fused!r}")
+        if fused and not _fused.available():
+            raise RuntimeError(f"refopt.torch: fused=True, but kernels cannot be built here "
+                               f"({_fused._UNAVAILABLE[0]})")
         self._cpu_threads = cpu_threads
+        self._fused = fused
         defaults = dict(hparams, **options)
         self._core(defaults)  # raises before torch sees the parameters
         defaults[FORMAT_KEY] = self._format_tag()
@@ -140,14 +153,15 @@ class TorchOptimizer(torch.optim.Optimizer):
         super().__init__(params, defaults)
 
     def __getstate__(self):  # pickling, deepcopy: torch keeps defaults, state, groups; and this
-        return dict(super().__getstate__(), _cpu_threads=self._cpu_threads)
+        return dict(super().__getstate__(), _cpu_threads=self._cpu_threads, _fused=self._fused)
 
     def __setstate__(self, state):
         """Unpickling, deepcopy and load_state_dict: options a group lacks are filled, step
         counts become fresh 0-d int64 CPU tensors; the scratch is not part of the state."""
         super().__setstate__(state)
         self._scratch = _plan.Scratch()
-        self.__dict__.setdefault("_cpu_threads", 1)
+        self.__dict__.setdefault("_cpu_threads", None)
+        self.__dict__.setdefault("_fused", None)
         where = f"refopt.torch.{self.Core.facts.name}"
         for group in self.param_groups:
             for k, v in GROUP_OPTIONS.items():
@@ -288,10 +302,16 @@ class TorchOptimizer(torch.optim.Optimizer):
         for p in params:
             self._init_state(p)
         live = [p for p in params if p.numel()]  # A6 (a DTensor's numel is global): only count the step
-        if live and scalars is None:
+        if live and scalars is None:  # DTensors: the core on local shards, reductions global
             _sharded.update(core, live, [self.state[p] for p in live], self.BUFFERS, t,
                             f"refopt.torch.{self.Core.facts.name}")
-        elif live:
+            live = []
+        if live and self._fused is not False and live[0].device.type == "cpu" and \
+                not isinstance(scalars["lr"], torch.Tensor) and _fused.available():
+            rest = _fused.step(core, live, [p.grad for p in live], [self.state[p] for p in live], self.BUFFERS,
+                               t, scalars["lr"], torch.get_num_threads(), bool(self._fused))
+            live = [live[i] for i in rest]
+        if live:
             states = [self.state[p] for p in live]
             self._update(core, foreach, live, [p.grad for p in live], states, scalars)
         counts = []
@@ -501,10 +521,10 @@ def _make_init(cls):
     # new object around the graph break of torch's (disabled) add_param_group.
     @torch._disable_dynamo
     def __init__(self, params, *args, profile="reference", quirks=None, foreach=None, maximize=False,
-                 differentiable=False, cpu_threads=1, **hparams):
+                 differentiable=False, cpu_threads=None, fused=None, **hparams):
         values = bind_hparams(facts, args, hparams, f"refopt.torch.{facts.name}()")
         self._setup(params, values, profile=profile, quirks=quirks, foreach=foreach, maximize=maximize,
-                    differentiable=differentiable, cpu_threads=cpu_threads)
+                    differentiable=differentiable, cpu_threads=cpu_threads, fused=fused)
 
     P = inspect.Parameter
     params = [P("self", P.POSITIONAL_OR_KEYWORD), P("params", P.POSITIONAL_OR_KEYWORD)]
@@ -521,7 +541,8 @@ def _class_doc(cls) -> str:
     options = ("    foreach (None | bool): group small tensors into multi-tensor torch._foreach_* calls "
                "(None, True) or step one tensor at a time (False).\n"
                "    maximize, differentiable (False): accepted as False only (see below).\n"
-               "    cpu_threads (int | None, default 1): intra-op threads for a CPU step (see below).")
+               "    cpu_threads (int | None, default None): threads for a CPU step (see below).\n"
+               "    fused (bool | None, default None): the compiled CPU kernels (see below).")
     parts = [head, "    params: an iterable of tensors or of parameter-group dicts, as for any torch.optim "
                    "optimizer.", _docs.args_section(facts, extra=options),
              _docs.update_section(facts, cls.Core.UPDATE), _docs.state_section(facts).replace(

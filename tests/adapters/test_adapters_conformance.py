@@ -1,6 +1,7 @@
 """The adapters' fast paths against the golden vectors (issue 5: speed must not cost conformance).
 
-Runs `refopt check --port ...` on refopt.torch (single-tensor and multi-tensor paths) and
+Runs `refopt check --port ...` on refopt.torch (the fused kernels, and the eager single-tensor
+and multi-tensor paths) and
 refopt.optax, exactly as a port author would (`--in-process`, so that the test can reach inside).
 Both take profile= and quirks=, so they are given every vector with its own configuration."""
 from __future__ import annotations
@@ -20,8 +21,9 @@ PATHS = textwrap.dedent(
 
     # One class per (optimizer, path); the class name tells the runner which optimizer it is.
     for _base in (refopt.torch.DOPE, refopt.torch.SAVEUS):
-        for _suffix, _foreach in (("Foreach", True), ("Single", False)):
-            _init = functools.partialmethod(_base.__init__, foreach=_foreach)
+        for _suffix, _options in (("Fused", {"fused": True}), ("Foreach", {"fused": False, "foreach": True}),
+                                  ("Single", {"fused": False, "foreach": False})):
+            _init = functools.partialmethod(_base.__init__, **_options)
             globals()[_base.__name__ + _suffix] = type(_base.__name__ + _suffix, (_base,), {"__init__": _init})
     """
 )
@@ -36,6 +38,31 @@ def paths_module(tmp_path, monkeypatch):
 
 @pytest.mark.parametrize("cls", ["DOPEForeach", "DOPESingle", "SAVEUSForeach", "SAVEUSSingle"])
 def test_torch_adapter_paths_pass_every_vector(paths_module, cls, capsys):
+    # the foreach classes also take the multi-tensor run (many tensors, param groups: their path)
+    more = ["--no-multi-tensor"] if cls.endswith("Single") else []
+    rc = main(["check", "--port", f"torch:{paths_module}:{cls}", "-q", "--in-process", *more])
+    out = capsys.readouterr()
+    assert rc == 0, out.out + out.err
+
+
+def _sample_ids():
+    from refopt.conformance import load, runner
+
+    return ",".join(v.id for v in runner.sample(load(), per_group=1))
+
+
+@pytest.mark.parametrize("cls", ["DOPEFused", "SAVEUSFused"])
+def test_fused_path_passes_a_sample_of_the_vectors(paths_module, cls, capsys):
+    """A sample (each kernel configuration is compiled once, ~0.5 s, then cached on disk);
+    the next test runs every vector."""
+    rc = main(["check", "--port", f"torch:{paths_module}:{cls}", "-q", "--in-process", "--ids", _sample_ids()])
+    out = capsys.readouterr()
+    assert rc == 0, out.out + out.err
+
+
+@pytest.mark.slow  # one kernel compilation per vector configuration (~130 on a cold cache)
+@pytest.mark.parametrize("cls", ["DOPEFused", "SAVEUSFused"])
+def test_fused_path_passes_every_vector(paths_module, cls, capsys):
     rc = main(["check", "--port", f"torch:{paths_module}:{cls}", "-q", "--in-process"])
     out = capsys.readouterr()
     assert rc == 0, out.out + out.err
@@ -54,6 +81,7 @@ def test_optax_adapter_passes_the_float64_vectors(factory, capsys):
 def test_optax_rowblocked_dope_path_passes_the_vectors(monkeypatch, capsys):
     """The large-leaf DOPE path of refopt.optax, forced onto every vector leaf of 2 or more axes."""
     optax_adapter = pytest.importorskip("refopt.optax")
+    monkeypatch.setattr(optax_adapter, "_fused_leaf", lambda opt, p: False)  # the walk backs up the kernel
     monkeypatch.setattr(optax_adapter._rowblock, "MIN_NUMEL", 1)
     taken = []
     real = optax_adapter._rowblock.step

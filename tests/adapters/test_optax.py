@@ -1,4 +1,9 @@
-"""refopt.optax: the core's numbers over pytrees, optax conventions, schedules, no retracing."""
+"""refopt.optax: the core's numbers over pytrees, optax conventions, schedules, no retracing.
+
+The exactness tests run the core's own program (``fused=False``); the fused kernel (the default on
+one CPU device with x64) computes the same up to the order of its sums, checked at the end."""
+import functools
+
 import numpy as np
 import pytest
 
@@ -14,12 +19,14 @@ import refopt.optax as ro  # noqa: E402
 # numel <= 2 (no S2/D2), 0-d, empty (A6), one-element channels (A2: NaN by specification).
 SHAPES = {"conv": (4, 3, 2), "dense": (6, 5), "bias": (7,), "pair": (2,), "scalar": (), "empty": (0, 3),
           "col": (3, 1)}
+SAVEUS_CORE = functools.partial(ro.saveus, fused=False)
+DOPE_CORE = functools.partial(ro.dope, fused=False)
 CONFIGS = [
-    (refopt.SAVEUS, ro.saveus, {}),
-    (refopt.SAVEUS, ro.saveus, {"weight_decay": 0.1, "decouple_weight_decay": True, "clip_gradients": True}),
-    (refopt.SAVEUS, ro.saveus, {"weight_decay": 0.05, "profile": "documented"}),
-    (refopt.DOPE, ro.dope, {"lr": 1e-2}),
-    (refopt.DOPE, ro.dope, {"lr": 1e-2, "eps_floor": 1e-5, "profile": "documented"}),
+    (refopt.SAVEUS, SAVEUS_CORE, {}),
+    (refopt.SAVEUS, SAVEUS_CORE, {"weight_decay": 0.1, "decouple_weight_decay": True, "clip_gradients": True}),
+    (refopt.SAVEUS, SAVEUS_CORE, {"weight_decay": 0.05, "profile": "documented"}),
+    (refopt.DOPE, DOPE_CORE, {"lr": 1e-2}),
+    (refopt.DOPE, DOPE_CORE, {"lr": 1e-2, "eps_floor": 1e-5, "profile": "documented"}),
 ]
 
 
@@ -74,7 +81,7 @@ def test_float64_matches_core_leaf_by_leaf(cls, factory, hp):
         assert_close(got_p[k], want_p[k], 1e-12)
         for field in cls.State._fields[1:]:
             assert_close(getattr(got_s, field)[k], want_s[k][field], 1e-12)
-    assert int(got_s.step) == 6 and got_s.step.dtype == jnp.int32
+    assert int(got_s.step) == 6 and got_s.step.dtype == jnp.int64  # x64: counts past 2**31 - 1
 
 
 @pytest.mark.parametrize("cls,factory,hp", [CONFIGS[1], CONFIGS[3]])
@@ -197,3 +204,20 @@ def test_composes_with_optax_and_numpy_leaves():
     new = optax.apply_updates(params, updates)
     assert jax.tree.structure(new) == jax.tree.structure(params)
     assert all(bool(jnp.all(jnp.isfinite(x))) for x in jax.tree.leaves(new))
+
+
+@pytest.mark.parametrize("cls,factory,hp", [(refopt.SAVEUS, ro.saveus, {}), (refopt.DOPE, ro.dope, {"lr": 1e-2})])
+def test_fused_kernel_follows_the_core_with_a_schedule(cls, factory, hp):
+    """The default on one CPU device: refopt.fused's kernel as an XLA FFI call, the scheduled
+    learning rate passed at run time (one trace); float64 within the reordering of its sums."""
+    from refopt import fused
+
+    if not fused.available():
+        pytest.skip("no C compiler")
+    sched = optax.cosine_decay_schedule(3e-2, 5)
+    params, grads = make_tree(np.float64), grads_seq(make_tree(np.float64), 4)
+    want, _ = optax_run(factory(sched, fused=False, **{k: v for k, v in hp.items() if k != "lr"}), params, grads, True)
+    got, _ = optax_run(factory(sched, fused=True, **{k: v for k, v in hp.items() if k != "lr"}),
+                       make_tree(np.float64), grads, True)
+    for k in SHAPES:
+        assert_close(got[k], want[k], 1e-10)

@@ -22,6 +22,7 @@ HPARAMS = [
 
 @pytest.fixture
 def rowblock(monkeypatch):
+    monkeypatch.setattr(ro, "_fused_leaf", lambda opt, p: False)  # the walk is the fallback of the kernel
     monkeypatch.setattr(ro._rowblock, "MIN_NUMEL", 1)
     monkeypatch.setattr(ro._rowblock, "BLOCK_BYTES", 40)  # a few rows per block: several blocks per leaf
 

@@ -468,14 +468,16 @@ def threads_seen(monkeypatch):
     return seen
 
 
-def test_cpu_step_runs_on_one_thread_and_restores_the_setting(threads_seen):
+def test_cpu_threads_set_for_the_step_and_restored(threads_seen):
+    """The default keeps torch's setting; cpu_threads=1 runs the (eager) step on one thread."""
     seen = threads_seen
     before = torch.get_num_threads()
-    p = torch.nn.Parameter(torch.randn(3, 5))
-    opt = rt.SAVEUS([p])
-    p.grad = torch.randn(3, 5)
-    opt.step()
-    assert seen == [1] and torch.get_num_threads() == before
+    for threads in (None, 1):
+        p = torch.nn.Parameter(torch.randn(3, 5))
+        opt = rt.SAVEUS([p], cpu_threads=threads, fused=False)
+        p.grad = torch.randn(3, 5)
+        opt.step()
+    assert seen == [before, 1] and torch.get_num_threads() == before
 
 
 @pytest.mark.parametrize("threads", [None, 2])
@@ -486,7 +488,7 @@ def test_cpu_threads_option_is_honoured_and_bit_identical(threads_seen, threads)
     results = []
     for n in (1, threads):
         p = torch.nn.Parameter(p0.clone())
-        opt = rt.DOPE([p], cpu_threads=n)
+        opt = rt.DOPE([p], cpu_threads=n, fused=False)
         p.grad = g.clone()
         opt.step()
         results.append(p.detach().clone())

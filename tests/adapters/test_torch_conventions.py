@@ -76,9 +76,9 @@ def test_device_tensor_lr_path_follows_the_float_path(name, hp, dtype, bound, mo
     test_torch.LOW_BOUNDS (measured after 4 steps: float64 6e-17, float32 3.4e-8, SAVEUS 16-bit
     bit-identical, DOPE bfloat16 2.8e-3 and float16 2.4e-4: one 16-bit ulp where an unfused
     multiply-add rounds a float32 intermediate the other way)."""
-    want, _ = _run(OPTS[name], _params(dtype), lr=2e-3, **hp)
+    want, _ = _run(OPTS[name], _params(dtype), lr=2e-3, fused=False, **hp)
     monkeypatch.setattr(_optim, "step_lr", lambda lr, device: torch.as_tensor(lr, dtype=torch.float64).reshape(()))
-    got, _ = _run(OPTS[name], _params(dtype), lr=torch.tensor(2e-3, dtype=torch.float64), **hp)
+    got, _ = _run(OPTS[name], _params(dtype), lr=torch.tensor(2e-3, dtype=torch.float64), fused=False, **hp)
     assert all(a.dtype == dtype for a in got)
     assert _max_rel(got, want) <= bound
 

@@ -22,7 +22,8 @@ from refopt.conformance.encoding import np_dtype
 @pytest.fixture(scope="module")
 def committed():
     try:
-        return tuple(vectors.load())
+        # the Scale vectors last: most mistakes are caught before them, and they take longest
+        return tuple(sorted(vectors.load(), key=lambda v: "Scale" in v.flags))
     except vectors.VectorFileError as exc:  # pragma: no cover - only before the vectors exist
         pytest.skip(f"committed vectors unavailable: {exc}")
 
@@ -37,7 +38,10 @@ def kills(opt, vec) -> bool:
     with warnings.catch_warnings(), np.errstate(all="ignore"):
         warnings.simplefilter("ignore")
         for i, s in enumerate(vec.steps):
-            p, st = opt.step(p, np.asarray(s.grad, dtype=dt), st)
+            try:
+                p, st = opt.step(p, np.asarray(s.grad, dtype=dt), st)
+            except ValueError:  # e.g. a wrapped step count the next step refuses: a port that raises fails
+                return True
             if not judge(vec, i, p).passed or not all(judge(vec, i, x, what=w).passed for w, x in st.items()):
                 return True
     return False
@@ -53,10 +57,13 @@ def test_catalogue_covers_every_clause_and_quirk():
 def test_vectors_reject_each_single_mistake(committed, name):
     m = mutants.BY_NAME[name]
     killed, seen = set(), set()
+    must = set(m.only or ("float64", "float32"))
     for vec in committed:
         if vec.optimizer != m.optimizer or (m.only and vec.dtype not in m.only):
             continue
         seen.add(vec.dtype)
+        if "Scale" in vec.flags and vec.dtype not in must:
+            continue  # the Scale vectors (the slowest) only in the dtypes a mistake must show in
         if vec.dtype not in killed:
             opt = mutants.make_optimizer(name, vec.optimizer_hparams(), dict(vec.quirks), vec.profile)
             if kills(opt, vec):

@@ -27,7 +27,9 @@ RANGE_FLAGS = {"SubnormalProducts", "QuotientOverflow"}
 
 
 def _float64_vectors():
-    return [v for v in load(dtype="float64") if not RANGE_FLAGS & set(v.flags)]
+    # the Scale vectors (2**17 elements) are too large for 50-digit arithmetic in the quick run:
+    # test_a_scale_golden_agrees_with_the_oracle (slow) checks one
+    return [v for v in load(dtype="float64") if not (RANGE_FLAGS | {"Scale"}) & set(v.flags)]
 
 
 def _oracle_run(vec):
@@ -40,7 +42,9 @@ def _oracle_run(vec):
                                  vec.optimizer_hparams(), quirks=dict(vec.quirks), state0=state0)
 
 
-def _compare(name, golden, budget, exact):
+def _compare(name, golden, budget, exact, judged=None):
+    if judged is not None:  # a format-2 vector's goldens are its judged elements
+        exact = np.asarray(exact).reshape(-1)[judged]
     assert np.array_equal(np.isnan(golden), np.isnan(exact)), f"{name}: NaN placement differs"
     finite = np.isfinite(golden)
     assert np.array_equal(golden[~finite], exact[~finite], equal_nan=True), f"{name}: infinities differ"
@@ -69,3 +73,13 @@ def test_float64_goldens_agree_with_the_oracle(optimizer):
             for k, budget in step.state_budget.items():
                 _compare(f"{where} {k}", step.state[k], budget, exact["state"][k])
     assert n_well > n_all // 5  # not vacuous: measured 28 % (DOPE) and 36 % (SAVEUS) of parameter elements
+
+
+@pytest.mark.slow
+def test_a_scale_golden_agrees_with_the_oracle():
+    vec = next(v for v in load(dtype="float64", optimizer="dope") if "Scale" in v.flags and len(v.shape) == 1)
+    exact = _oracle_run(vec)[0]
+    _compare(f"{vec.name} param", vec.steps[0].param, vec.steps[0].budget, exact["param"], vec.judged)
+    for k in vec.steps[0].state_budget:
+        _compare(f"{vec.name} {k}", vec.steps[0].state[k], vec.steps[0].state_budget[k], exact["state"][k],
+                 vec.judged)

@@ -187,7 +187,15 @@ EVERY = {"numpy": 1, "array-api-strict": 1, "torch-cpu": 1, "jax": 51}
 
 @pytest.mark.parametrize("backend", list(EVERY))
 def test_every_backend_passes(vectors, backend):
-    _passes(vectors[:: EVERY[backend]], backend)
+    # the Scale vectors (2**17 elements) on NumPy here, on every backend in the slow sweep below
+    small = [v for v in vectors if "Scale" not in v.flags or backend == "numpy"]
+    _passes(small[:: EVERY[backend]], backend)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("backend", ["array-api-strict", "torch-cpu", "jax"])
+def test_every_backend_passes_the_scale_vectors(vectors, backend):
+    _passes([v for v in vectors if "Scale" in v.flags], backend)
 
 
 def test_tolerance_fields_are_the_documented_constants(vectors):
@@ -195,4 +203,6 @@ def test_tolerance_fields_are_the_documented_constants(vectors):
 
     for v in vectors:
         assert v.tolerance["k"] == tolerance.K and v.tolerance["floor_ulps"] == tolerance.FLOOR_ULPS
-        assert v.tolerance["model"] == "mca-v1" and v.tolerance["samples"] >= 16
+        # mca-v2 is mca-v1 plus the one-pass draw of long reductions (> 4096 terms, spec/tolerance.md)
+        long = math.prod(v.shape) > 4096
+        assert v.tolerance["model"] == ("mca-v2" if long else "mca-v1") and v.tolerance["samples"] == 32

@@ -3,10 +3,13 @@ from __future__ import annotations
 
 import math
 
+import numpy as np
+
 from ... import common
 from ..._arithmetic import Arithmetic
 from ...conformance.encoding import np_dtype
 from . import Mutant
+from .blocks import per_block
 
 S, D = "saveus", "dope"
 
@@ -73,6 +76,45 @@ def _widen_zeroing_nan(self, x):
     return self.xp.where(self.xp.isnan(x), self.xp.zeros_like(x), x)
 
 
+def _blockwise_trailing_mean(ops, x, torch_empty_axis_mean):
+    xp = ops.xp
+    if x.ndim == 0 or (x.ndim == 1 and not torch_empty_axis_mean):
+        return common.trailing_mean(ops, x, torch_empty_axis_mean)
+    mean = per_block(xp, x, lambda part: xp.mean(part, axis=1, keepdims=True), channels=x.ndim > 1)
+    return ops.round(mean)
+
+
+def _blockwise_normalizer_std(ops, x, channels):
+    xp = ops.xp
+    by_channel = x.ndim > 1 and channels
+    if not by_channel and math.prod(x.shape) <= 2:
+        return None
+    std = per_block(xp, x, lambda part: xp.std(part, axis=1, correction=1, keepdims=True), channels=by_channel)
+    return ops.round(std)
+
+
+#: The warm-up after which the ``bias-corrections-dropped-after-warmup`` mutants stop correcting.
+WARMUP = 1000
+
+
+def _bias_corrections_dropped_after_warmup(self, b, t):
+    exact = Arithmetic.one_minus_pow(self, b, t)
+    return self.xp.where(t > WARMUP, self.xp.ones_like(exact), exact)
+
+
+def _count_in_int32(ops, step):
+    xp = ops.xp
+    with np.errstate(over="ignore"):  # the mistake: the count wraps past 2**31 - 1
+        count = xp.astype(xp.astype(step, xp.int32) + 1, xp.int32)
+    return count, xp.astype(count, ops.scalar)
+
+
+def _count_in_float32(ops, step):
+    xp = ops.xp  # torch.optim's own optimizers keep `step` as a float32 tensor
+    count = xp.astype(step, xp.float32) + xp.asarray(1.0, dtype=xp.float32)
+    return xp.astype(count, xp.int64), xp.astype(count, ops.scalar)
+
+
 def _empty_step_not_counted(xp, param, state):
     return param, state
 
@@ -86,7 +128,13 @@ MUTANTS = (
     *_both("array-api-empty-axis-mean", ("A1", "Q2", "S1"), ("A1", "Q2", "D1", "D10"),
            "a mean over no trailing axes reduces over none (array API axis=())",
            quirks=("torch_empty_axis_mean",)),
+    *_both("blockwise-trailing-mean", ("A1", "S1"), ("A1", "D1", "D10"),
+           "the trailing-axes mean computed per block of 64K elements and never combined",
+           replaces=lambda: {"trailing_mean": _blockwise_trailing_mean}),
     # A2
+    *_both("blockwise-normalizer-std", ("A2", "S2"), ("A2", "D2"),
+           "the normalizer std computed per block of 64K elements and never combined",
+           replaces=lambda: {"normalizer_std": _blockwise_normalizer_std}),
     *_both("std-correction-0", ("A2", "S2"), ("A2", "D2"), "the normalizer std with correction 0 (population std)",
            replaces=lambda: {"normalizer_std": _std_correction_0}),
     *_both("global-std", ("A2", "S2"), ("A2", "D2"), "the normalizer std over the whole tensor, not per channel",
@@ -113,6 +161,9 @@ MUTANTS = (
     *_both("float32-bias-corrections", ("A4", "S3"), ("A4", "D5"),
            "the bias corrections 1 - beta**t computed in float32",
            replaces=lambda: {"Arithmetic.one_minus_pow": _float32_bias_corrections}),
+    *_both("bias-corrections-dropped-after-warmup", ("A4", "S3"), ("A4", "D5"),
+           f"the bias corrections are dropped (taken as 1) after {WARMUP} steps",
+           replaces=lambda: {"Arithmetic.one_minus_pow": _bias_corrections_dropped_after_warmup}),
     # A5: non-finite values repaired
     *_both("nan-grad-zeroed", ("A5",), ("A5",), "NaN inputs replaced by zeros before the step",
            replaces=lambda: {"Arithmetic.widen": _widen_zeroing_nan}),
@@ -122,4 +173,9 @@ MUTANTS = (
     # S0/D0: the count
     *_both("step-count-from-zero", ("S0",), ("D0",), "t = step (0-based) in the bias corrections",
            replaces=lambda: {"count_step": _count_from_zero}),
+    *_both("step-count-int32", ("S0",), ("D0",), "the step count is an int32, which wraps past 2**31 - 1",
+           replaces=lambda: {"count_step": _count_in_int32}),
+    *_both("step-count-float32", ("S0",), ("D0",),
+           "the step count is kept in float32 (as torch.optim's optimizers keep it), which rounds past 2**24",
+           replaces=lambda: {"count_step": _count_in_float32}),
 )

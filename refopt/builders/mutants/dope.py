@@ -5,6 +5,7 @@ from __future__ import annotations
 
 from ... import dope
 from . import Mutant
+from .blocks import per_block, sizes
 
 D = "dope"
 
@@ -24,6 +25,33 @@ def _clip_eps_1e8():
         scale = ops.mul(ops.reciprocal(ops.add_constant(norm, 1e-8)), clip)
         return ops.xp.minimum(scale, ops.xp.ones_like(norm))
     return {"clip_coefficient": clip_coefficient}
+
+
+def _blockwise_norm():
+    def norm(self, x):
+        xp = self.xp
+        return self.round(per_block(xp, x, lambda part: xp.sqrt(xp.sum(part * part, axis=1, keepdims=True)),
+                                    channels=False))
+    return {"Arithmetic.norm": norm}
+
+
+def _blockwise_count():
+    seen = {}
+
+    def count_true(ops, positive, numel):
+        xp = ops.xp
+        ones = xp.astype(positive, ops.work)
+        seen["sizes"] = sizes(xp, ones, channels=False)
+        return xp.astype(per_block(xp, ones, lambda part: xp.sum(part, axis=1, keepdims=True), channels=False),
+                         xp.int64)
+
+    def cautious_scale(ops, count, numel, float32_scalars):
+        xp = ops.xp
+        if float32_scalars:
+            shifted = xp.astype(count, xp.float32) + 1e-8
+            return xp.astype((1.0 / shifted) * xp.astype(seen["sizes"], xp.float32), ops.work)
+        return ops.in_work(xp.astype(seen["sizes"], ops.scalar) / (xp.astype(count, ops.scalar) + 1e-8))
+    return {"count_true": count_true, "cautious_scale": cautious_scale}
 
 
 def _betas_swapped():
@@ -134,6 +162,10 @@ MUTANTS = (
            "switches act when non-zero (as SAVEUS's), so a negative centralization acts", _switch_nonzero),
     Mutant("clip-not-capped-at-one", D, ("D3",), "the clip coefficient is not capped at 1", _clip_not_capped),
     Mutant("clip-norm-eps-1e-8", D, ("D3",), "the clip coefficient is clip/(norm + 1e-8)", _clip_eps_1e8),
+    Mutant("blockwise-clip-norm", D, ("D3",), "the clipping norm computed per block of 64K elements",
+           _blockwise_norm),
+    Mutant("blockwise-cautious-count", D, ("D12",),
+           "the cautious count and its scale n/k computed per block of 64K elements", _blockwise_count),
     Mutant("fisher-betas-swapped", D, ("D4",), "fim decays with beta1 and fim_diff with beta2", _betas_swapped),
     Mutant("prev-grad-before-clip", D, ("D4", "D3"), "prev_grad stores the gradient before the norm clip",
            _prev_grad_before_clip),

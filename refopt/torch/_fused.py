@@ -1,0 +1,79 @@
+"""refopt.torch's fused path: each CPU parameter stepped by one compiled kernel (refopt.fused),
+in place, without temporaries of the parameter's size.
+
+The kernel is the core's own step (the clause functions of refopt.common/saveus/dope, traced and
+compiled to C), so per element it computes what the core computes; it reads the gradient and
+writes the parameter and its state. A parameter takes this path when it is a plain CPU tensor,
+contiguous like its gradient and state, and the optimizer's configuration can be traced (a
+``clip_lambda`` that is arithmetic on its argument; the default is); otherwise, or without a C
+compiler, the eager kernels of _kernels.py step it.
+"""
+from __future__ import annotations
+
+import warnings
+
+import torch
+
+from .. import fused
+
+DTYPES = {torch.float16: "float16", torch.bfloat16: "bfloat16", torch.float32: "float32",
+          torch.float64: "float64"}
+#: Below this many elements a kernel runs on one thread (waking threads costs more than it saves).
+MIN_THREADED = 1 << 15
+#: Rows longer than this (elements) with row buffers go to the eager path: the per-thread
+#: buffers hold a row each and must stay far below the parameter's size.
+MAX_BUFFERED_ROW = 1 << 20
+_UNAVAILABLE: list = []  # the reason, once the compiler was found missing
+
+
+def available() -> bool:
+    if _UNAVAILABLE:
+        return False
+    try:
+        if fused.available():
+            return True
+        _UNAVAILABLE.append("no working C compiler")
+    except Exception as exc:  # noqa: BLE001 - any failure to build means: use the eager path
+        _UNAVAILABLE.append(str(exc))
+    return False
+
+
+def takes(p, grad, state, buffers) -> bool:
+    """Whether parameter ``p`` can be stepped by a kernel (decided from metadata only)."""
+    if type(p) not in (torch.Tensor, torch.nn.Parameter) or p.device.type != "cpu" or p.dtype not in DTYPES:
+        return False
+    tensors = (p, grad, *(state[k] for k in buffers))
+    return all(type(t) in (torch.Tensor, torch.nn.Parameter) and t.is_contiguous() and t.dtype == p.dtype
+               for t in tensors)
+
+
+def step(core, params, grads, states, buffers, t: int, lr: float, threads: int, required: bool) -> list:
+    """Step every parameter a kernel can take; returns the indices of the others."""
+    rest = []
+    for i, (p, grad, st) in enumerate(zip(params, grads, states)):
+        if not takes(p, grad, st, buffers):
+            rest.append(i)
+            continue
+        ndim, numel = p.dim(), p.numel()
+        rows = p.shape[0] if ndim >= 2 else 1
+        cols = numel // rows
+        try:
+            kernel = fused.kernel_for(core, ndim, DTYPES[p.dtype], rows, cols)
+        except (fused.TraceError, fused.CompilerUnavailable) as exc:
+            if required:
+                raise RuntimeError(f"refopt.torch: fused=True, but this configuration cannot be fused: {exc}") from exc
+            rest.append(i)
+            continue
+        if kernel.row_buffers and cols > MAX_BUFFERED_ROW:
+            rest.append(i)
+            continue
+        values = fused.values_of(core, t - 1, rows, cols)
+        values["lr"] = lr
+        pointers = {"param": p.data_ptr(), "grad": grad.data_ptr(), **{k: st[k].data_ptr() for k in buffers}}
+        kernel(pointers, rows, cols, values, threads if numel >= MIN_THREADED else 1)
+    return rest
+
+
+def unavailable_warning():
+    warnings.warn(f"refopt.torch: the fused CPU path is unavailable ({_UNAVAILABLE[0]}); stepping with the "
+                  "eager kernels, which are slower", RuntimeWarning, stacklevel=3)
