@@ -198,7 +198,7 @@ def _targets(args):
             for t in targets:
                 t.close()
             raise
-        if not args.no_multi_tensor and args.fuzz is None:
+        if not args.no_multi_tensor and args.fuzz is None and not args.shard:  # (--shard: sharded runs only)
             from .conformance.multitensor import MultiTensorTarget
 
             targets += [MultiTensorTarget(t, timeout=args.timeout or DEFAULT_TIMEOUT) for t in targets
