@@ -58,16 +58,6 @@ def _seconds(text):
     return value
 
 
-def _shards(text):
-    try:
-        value = int(text)
-    except ValueError:
-        value = 0
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"invalid number of processes {text!r} (an integer >= 1)")
-    return value
-
-
 def _file(text):
     if not text.strip():
         raise argparse.ArgumentTypeError("needs a file name")
@@ -102,7 +92,7 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--in-process", action="store_true",
                    help="run a Python port in refopt's own process instead of a worker (to debug it with "
                         "breakpoints; an exit, crash or hang of the port then ends the run)")
-    c.add_argument("--shard", type=_shards, metavar="N",
+    c.add_argument("--shard", type=_positive_int, metavar="N",
                    help="run a torch port with its parameter sharded as FSDP2's fully_shard shards it, in N CPU "
                         "processes (gloo on 127.0.0.1), and judge the gathered result; a failure that the "
                         "unsharded port does not have is diagnosed as such. 0-d vectors are skipped")

@@ -50,7 +50,7 @@ def test_a_port_that_reduces_per_shard_fails_and_sharding_is_named(capsys, tmp_p
     (["--shard", "2"], "--shard needs --port"),
     (["--shard", "2", "--port", "python:refopt.builders.mutants:x"], "--shard checks a torch port"),
     (["--shard", "2", "--in-process", "--port", "torch:refopt.torch:DOPE"], "with --in-process"),
-    (["--shard", "0", "--port", "torch:refopt.torch:DOPE"], "invalid number of processes"),
+    (["--shard", "0", "--port", "torch:refopt.torch:DOPE"], "expected a positive integer"),
     (["--shard", "65", "--port", "torch:refopt.torch:DOPE"], "expected 1 to 64 processes"),
 ])
 def test_what_shard_refuses(capsys, argv, message):
