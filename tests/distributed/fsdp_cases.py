@@ -440,28 +440,30 @@ def collectives_case(mesh):
     from torch.distributed.tensor.debug import CommDebugMode
 
     out = {}
-    for name, cls, hp in (OPTIMIZERS[0], OPTIMIZERS[2]):
-        for shape, code in (((13, 7), "S0"), ((13, 7), "S1"), ((13,), "S0"), ((13, 7), "R")):
-            p0, grads = series(shape)
-            p = torch.nn.Parameter(distribute_tensor(p0, mesh, [placement(code)]))
-            opt = cls([p], **hp)
-            p.grad = distribute_tensor(grads[0], mesh, [placement(code)])
-            calls = []
-            real = dist.all_reduce
+    cases = [(o, shape, code) for o in (OPTIMIZERS[0], OPTIMIZERS[2])
+             for shape, code in (((13, 7), "S0"), ((13, 7), "S1"), ((13,), "S0"), ((13, 7), "R"))]
+    cases += [(o, (13, 7), "S0") for o in (OPTIMIZERS[1], OPTIMIZERS[3])]  # A2 over the whole tensor
+    for (name, cls, hp), shape, code in cases:
+        p0, grads = series(shape)
+        p = torch.nn.Parameter(distribute_tensor(p0, mesh, [placement(code)]))
+        opt = cls([p], **hp)
+        p.grad = distribute_tensor(grads[0], mesh, [placement(code)])
+        calls = []
+        real = dist.all_reduce
 
-            def counted(tensor, *args, **kwargs):
-                calls.append(tensor.numel())
-                return real(tensor, *args, **kwargs)
+        def counted(tensor, *args, **kwargs):
+            calls.append(tensor.numel())
+            return real(tensor, *args, **kwargs)
 
-            dist.all_reduce = counted
-            try:
-                with CommDebugMode() as comm:
-                    opt.step()
-            finally:
-                dist.all_reduce = real
-            others = {str(k): v for k, v in comm.get_comm_counts().items() if "all_reduce" not in str(k)
-                      and "allreduce" not in str(k)}
-            out[f"{name}/{shape}/{code}"] = {"all_reduces": len(calls), "values_sent": sum(calls), "other": others}
+        dist.all_reduce = counted
+        try:
+            with CommDebugMode() as comm:
+                opt.step()
+        finally:
+            dist.all_reduce = real
+        others = {str(k): v for k, v in comm.get_comm_counts().items() if "all_reduce" not in str(k)
+                  and "allreduce" not in str(k)}
+        out[f"{name}/{shape}/{code}"] = {"all_reduces": len(calls), "values_sent": sum(calls), "other": others}
     return out
 
 

@@ -132,7 +132,9 @@ def test_a_step_all_reduces_partial_sums_and_gathers_nothing(report):
     splits (FSDP2's Shard(0) of a matrix: the channel statistics are local) or for a replica."""
     want = {"SAVEUS/(13, 7)/S0": (0, 0), "SAVEUS/(13, 7)/S1": (3, 3 * 13), "SAVEUS/(13,)/S0": (3, 3),
             "SAVEUS/(13, 7)/R": (0, 0), "DOPE/(13, 7)/S0": (2, 2), "DOPE/(13, 7)/S1": (6, 4 * 13 + 2),
-            "DOPE/(13,)/S0": (6, 6), "DOPE/(13, 7)/R": (0, 0)}
+            "DOPE/(13,)/S0": (6, 6), "DOPE/(13, 7)/R": (0, 0),
+            # normalize_channels=False: A2 over the whole tensor, two more scalars
+            "SAVEUS-wholestd-decay-clip/(13, 7)/S0": (2, 2), "DOPE-wholestd-floor/(13, 7)/S0": (4, 4)}
     got = report["collectives"]
     assert {k: (v["all_reduces"], v["values_sent"]) for k, v in got.items()} == want
     assert all(v["other"] == {} for v in got.values()), got  # no gather, no redistribution
