@@ -27,14 +27,22 @@ from ._arrays import device_of, namespace, scalar_dtype, work_dtype
 class Arithmetic:
     """The arithmetic of one parameter tensor: storage dtype D, work dtype W, scalar dtype S."""
 
-    def __init__(self, param):
-        xp = namespace(param)
-        self.xp = xp
+    def __init__(self, param, xp=None):
+        """``xp``: the namespace to compute in, when not ``param``'s own (refopt._sharded gives a
+        namespace whose reductions are global over the shards of a DTensor)."""
+        own = namespace(param)  # the dtypes are the array library's, whichever namespace computes
+        self.xp = own if xp is None else xp
+        self._global_size = getattr(self.xp, "global_size", None)
         self.storage = param.dtype
-        self.work = work_dtype(xp, param.dtype)
+        self.work = work_dtype(own, param.dtype)
         self.rounds_to_storage = self.work != self.storage
         self.device = device_of(param)
-        self.scalar = scalar_dtype(xp, self.device)
+        self.scalar = scalar_dtype(own, self.device)
+
+    def size(self, x) -> int:
+        """n, the number of elements of ``x`` as the spec counts them: those of the whole tensor,
+        also when the step runs on one shard of it (the sharded namespace counts globally)."""
+        return self._global_size(x) if self._global_size is not None else math.prod(x.shape)
 
     # ---- moving between D and W (A3.2) ------------------------------------------------------
     def widen(self, x):

@@ -6,7 +6,7 @@ import inspect
 import math
 from typing import Any, Mapping
 
-from . import _docs, _validate
+from . import _docs, _sharded, _validate
 from ._arrays import device_of, dtype_name, namespace
 from .common import empty_tensor_step
 from .quirks import Quirks
@@ -95,17 +95,28 @@ class Optimizer:
         return self.State(xp.asarray(0, device=device_of(param)), *zeros)
 
     def step(self, param, grad, state):
-        """One update; returns ``(new_param, new_state)``. The inputs are never modified."""
+        """One update; returns ``(new_param, new_state)``. The inputs are never modified.
+
+        A torch ``DTensor`` param (FSDP2, tensor parallelism), with grad and buffers laid out like
+        it, is stepped on its local shards with every per-tensor reduction global over the mesh
+        (refopt._sharded); the new param and buffers are DTensors laid out as the inputs."""
         xp = _validate.step_inputs(self.facts.name, self.State, param, grad, state)
-        if self.check_finite:
-            _validate.finite_inputs(self.facts.name, xp, param, grad, state)
-        else:
-            _validate.host_step_count(self.facts.name, state)
+        if _sharded.is_dtensor(param, grad, *state):  # checked and stepped on its local shards
+            return _sharded.step(self, param, grad, state)
+        self._check_values(xp, param, grad, state)
         if math.prod(param.shape) == 0:  # A6
             return empty_tensor_step(xp, param, state)
         return self._update(param, grad, state)
 
-    def _update(self, param, grad, state):  # pragma: no cover - overridden
+    def _check_values(self, xp, param, grad, state):
+        """``check_finite``'s checks (they read values: a host sync), else the step count's range
+        where reading it is free."""
+        if self.check_finite:
+            _validate.finite_inputs(self.facts.name, xp, param, grad, state)
+        else:
+            _validate.host_step_count(self.facts.name, state)
+
+    def _update(self, param, grad, state, xp=None):  # pragma: no cover - overridden
         raise NotImplementedError
 
 

@@ -97,6 +97,10 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--in-process", action="store_true",
                    help="run a Python port in refopt's own process instead of a worker (to debug it with "
                         "breakpoints; an exit, crash or hang of the port then ends the run)")
+    c.add_argument("--shard", type=_positive_int, metavar="N",
+                   help="run a torch port with its parameter sharded as FSDP2's fully_shard shards it, in N CPU "
+                        "processes (gloo on 127.0.0.1), and judge the gathered result; a failure that the "
+                        "unsharded port does not have is diagnosed as such. 0-d vectors are skipped")
     c.add_argument("--timeout", type=_seconds, default=None, metavar="SECONDS",
                    help="time limit per vector for a port (default 60); a port over it is ended and the "
                         "vector fails")
@@ -184,18 +188,18 @@ def _targets(args):
                 targets.append(ports.make_port(
                     spec, hmap, args.optimizer, profile=profile, quirks=quirks,
                     configured=bool(args.profile or args.quirks), in_place=args.in_place,
-                    timeout=args.timeout or DEFAULT_TIMEOUT, isolated=not args.in_process))
+                    timeout=args.timeout or DEFAULT_TIMEOUT, isolated=not args.in_process, shard=args.shard))
         except BaseException:
             for t in targets:
                 t.close()
             raise
-        if not args.no_multi_tensor and args.fuzz is None:
+        if not args.no_multi_tensor and args.fuzz is None and not args.shard:  # (--shard: sharded runs only)
             from .conformance.multitensor import MultiTensorTarget
 
             targets += [MultiTensorTarget(t, timeout=args.timeout or DEFAULT_TIMEOUT) for t in targets
                         if t.kind == "torch"]
         return targets
-    for option in ("hparam_map", "quirks", "timeout"):
+    for option in ("hparam_map", "quirks", "timeout", "shard"):
         if getattr(args, option):
             raise ConfigError(f"--{option.replace('_', '-')} needs --port")
     for flag in ("in_place", "in_process"):
@@ -341,6 +345,8 @@ def _port_args(args) -> tuple:
         out += ["--quirks", args.quirks]
     if args.in_place:
         out += ["--in-place"]
+    if args.shard:
+        out += ["--shard", str(args.shard)]
     if args.vectors:
         out += ["--vectors", args.vectors]
     if args.profile:
@@ -398,8 +404,8 @@ def _self_test(args, vecs, t0) -> int:
     from .builders import mutants
     from .conformance import ports, report, runner
 
-    if args.port or args.backend:
-        raise ConfigError("--self-test checks refopt's own mistake catalogue; drop --port/--backend")
+    if args.port or args.backend or args.shard:
+        raise ConfigError("--self-test checks refopt's own mistake catalogue; drop --port/--backend/--shard")
     rows, all_results = [], []
     for m in mutants.CATALOGUE:
         target = ports.PythonPort(f"refopt.builders.mutants:{m.name}", fn=mutants.port_function(m.name))

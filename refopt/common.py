@@ -43,7 +43,7 @@ def normalizer_std(ops, x, channels: bool):
     xp = ops.xp
     if x.ndim > 1 and channels:
         std = xp.std(x, axis=tuple(range(1, x.ndim)), correction=1, keepdims=True)
-    elif math.prod(x.shape) > 2:
+    elif ops.size(x) > 2:
         std = xp.std(x, correction=1)
     else:
         return None

@@ -8,8 +8,6 @@ the fast paths: refopt.optax's row-blocked walk calls them on blocks of rows.
 """
 from __future__ import annotations
 
-import math
-
 from . import registry
 from ._arithmetic import Arithmetic
 from ._optimizer import Optimizer, count_step
@@ -176,7 +174,8 @@ class DOPE(Optimizer):
 
     A pure optimizer for one array at a time, on any array-API library (NumPy, PyTorch, JAX,
     CuPy, ...): ``state = opt.init(param)``, then ``param, state = opt.step(param, grad, state)``.
-    The per-tensor reductions (D1-D3, D10, D12) are over the whole array it is given."""
+    The per-tensor reductions (D1-D3, D10, D12) are over the whole array it is given; for a torch
+    DTensor, over the whole sharded tensor (refopt._sharded)."""
 
     facts = registry.DOPE
     State = DOPEState
@@ -187,9 +186,9 @@ class DOPE(Optimizer):
               ("D11", float32_power), ("D11", amplification), ("D11", amplified_momentum), ("D12", agreement),
               ("D12", count_true), ("D12", cautious_scale), ("D12", cautious_mask), ("D13", preconditioned_weight_decay), ("D14", parameter_update))
 
-    def _update(self, param, grad, state):
+    def _update(self, param, grad, state, xp=None):
         quirks, (beta1, beta2) = self.quirks, self.betas
-        ops = Arithmetic(param)
+        ops = Arithmetic(param, xp)
         p, g = ops.widen(param), ops.widen(grad)
         exp_avg, fim = ops.widen(state.exp_avg), ops.widen(state.fim)
         fim_diff, prev_grad = ops.widen(state.fim_diff), ops.widen(state.prev_grad)
@@ -214,7 +213,7 @@ class DOPE(Optimizer):
                             quirks.float32_scalars)                                  # D11
         u = amplified_momentum(ops, u, exp_avg, a_t)
         if self.cautious:                                                            # D12
-            u = cautious_mask(ops, u, g, c_t, math.prod(param.shape), quirks.float32_scalars,
+            u = cautious_mask(ops, u, g, c_t, ops.size(param), quirks.float32_scalars,
                               quirks.cautious_processed_grad)
         if acts(self.weight_decay):                                                  # D13
             p = preconditioned_weight_decay(ops, p, denom, denom_diff, self.lr, self.weight_decay)

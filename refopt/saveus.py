@@ -104,9 +104,9 @@ class SAVEUS(Optimizer):
               ("S9", clip_by_value),
               ("S10", parameter_update))
 
-    def _update(self, param, grad, state):
+    def _update(self, param, grad, state, xp=None):
         quirks, (beta1, beta2) = self.quirks, self.betas
-        ops = Arithmetic(param)
+        ops = Arithmetic(param, xp)
         p, g = ops.widen(param), ops.widen(grad)
         ema, ema_squared = ops.widen(state.ema), ops.widen(state.ema_squared)
 

@@ -324,9 +324,16 @@ class TorchAdapter(Adapter):
         p.grad = torch.zeros_like(p)
         call_port(self.name, opt.step)
         with torch.no_grad():
-            p.copy_(to(case.param))
-        overwrite_state(torch, to, opt.state[p], case.state)
+            self._set_param(p, to(case.param))
+        overwrite_state(torch, lambda value: self._buffer(to(value), p), opt.state[p], case.state)
         p.grad = None
+
+    def _set_param(self, p, value) -> None:
+        p.copy_(value)
+
+    def _buffer(self, value, p):
+        """A given state buffer as the port gets it (laid out like ``p``)."""
+        return value
 
 
 def overwrite_state(torch, to, st: dict, given: dict) -> None:

@@ -144,7 +144,12 @@ def diagnose(result, argv_extra: tuple = (), search: bool = True) -> Diagnosis:
         verdict, matches = (f"the port failed after {steps} correct step(s): {result.message}" if steps else
                             f"the port failed before producing output: {result.message}"), []
     elif search:
-        verdict, matches, narrowed = verdict_for(v, result.outputs, result.first_bad)
+        # a port checked sharded (--shard) that passes unsharded: sharding is the cause
+        sharded = t.sharding_verdict(v, result) if hasattr(t, "sharding_verdict") else None
+        if sharded:
+            verdict, matches = sharded, []
+        else:
+            verdict, matches, narrowed = verdict_for(v, result.outputs, result.first_bad)
     else:
         verdict, matches = "not searched", []
     return Diagnosis(v.id, t.name, result.first_bad, tuple(v.clauses), tuple(v.flags),

@@ -152,8 +152,8 @@ class PortTarget:
         self.transport.close()
 
 
-def worker_command(text: str, *, in_place: bool = False, optimizers=None) -> list:
-    argv = [sys.executable, "-m", "refopt.conformance.worker", text]
+def worker_command(text: str, *, in_place: bool = False, optimizers=None, module="refopt.conformance.worker") -> list:
+    argv = [sys.executable, "-m", module, text]
     if in_place:
         argv.append("--in-place")
     if optimizers:
@@ -171,16 +171,27 @@ def worker_env() -> dict:
 
 def make_port(text: str, hparam_map: dict | None = None, optimizers=None, *, profile: str = "reference",
               quirks: dict | None = None, configured: bool = False, timeout: float = DEFAULT_TIMEOUT,
-              in_place: bool = False, isolated: bool = True) -> PortTarget:
+              in_place: bool = False, isolated: bool = True, shard: int | None = None) -> PortTarget:
     """``exec:COMMAND`` or a Python port (``torch:``/``optax:``/``python:`` MODULE:NAME or
     path/to/file.py:NAME; ``MODULE:NAME`` alone when the kind can be told) -> a started target.
 
     A python port is told the optimizer on every case, so it takes the vectors of both. A torch
     class or optax factory implements one: the one its name contains, else ``optimizers``.
-    ``isolated=False`` runs a Python port in this process (to debug it: its exit is then ours)."""
+    ``isolated=False`` runs a Python port in this process (to debug it: its exit is then ours).
+    ``shard=N``: a torch port run with its parameter sharded by FSDP2 over N processes (sharded.py)."""
     kind, sep, rest = text.partition(":")
     options = dict(hparam_map=hparam_map, optimizers=optimizers, profile=profile, quirks=quirks,
                    configured=configured)
+    if shard is not None:
+        from .sharded import sharded_port
+
+        if kind != "torch" or not isolated:
+            raise ConfigError(f"--shard checks a torch port (torch:MODULE:CLASS) in its own processes; got --port "
+                              f"{text}{' with --in-process' if isolated is False and kind == 'torch' else ''}")
+        plain = dict(options, timeout=timeout)
+        argv = worker_command(text, optimizers=optimizers, module="refopt.conformance.sharded") + ["--shard", str(shard)]
+        process = PortProcess(argv, text, timeout=timeout, env=worker_env(), worker=True)
+        return sharded_port(text, process, shard, lambda: make_port(text, **plain), **options)
     if kind == "exec":
         try:
             argv = shlex.split(rest)

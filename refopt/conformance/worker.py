@@ -33,8 +33,11 @@ def claim_stdio():
     return os.fdopen(out_fd, "wb"), os.fdopen(in_fd, "rb")
 
 
-def serve(adapter, out, lines) -> None:
-    """Answer every case message read from ``lines`` on ``out``."""
+def serve(adapter, out, lines, answer=None) -> None:
+    """Answer every case message read from ``lines`` on ``out``: with ``answer(case)``'s messages,
+    by default ``run_case``'s."""
+    answer = answer or (lambda case: run_case(adapter, case))
+
     def send(message):
         out.write(protocol.dumps(message))
         out.flush()
@@ -48,7 +51,7 @@ def serve(adapter, out, lines) -> None:
         except protocol.ProtocolError as exc:
             send({"type": "error", "message": f"worker: {exc}"})
             continue
-        for message in run_case(adapter, case):
+        for message in answer(case):
             send(message)
 
 

@@ -71,28 +71,32 @@ def _config(optimizer, ndim: int, dtype: str):
     return (type(optimizer), optimizer.quirks, static, min(ndim, 2), dtype)
 
 
-def kernel_for(optimizer, ndim: int, dtype: str, rows: int, cols: int, *, target: str = "c"):
+def kernel_for(optimizer, ndim: int, dtype: str, rows: int, cols: int, updates: bool = False, *,
+               target: str = "c"):
     """The kernel for ``optimizer`` on a parameter of ``ndim`` dims (viewed as rows x cols) and
     dtype ``dtype``: a C ``Kernel`` (``target="c"``) or a ``gpu.TritonKernel`` (``"triton"``);
     traced and compiled on first use. Raises TraceError when the configuration cannot be fused
     (e.g. a ``clip_lambda`` that is not arithmetic on its argument), CompilerUnavailable without
-    a C compiler, gpu.TritonUnavailable without triton."""
+    a C compiler, gpu.TritonUnavailable without triton. ``updates`` (C only): the kernel writes
+    optax's updates (``new - param``) over the gradient and leaves the parameter as it is."""
     if target not in ("c", "triton"):
         raise ValueError(f"target must be 'c' or 'triton', got {target!r}")
+    if updates and target != "c":
+        raise ValueError("updates=True is a C kernel's mode (refopt.optax)")
     _check_traceable(optimizer)
     values = values_of(optimizer, 1, rows, cols)
-    key = (target, *_config(optimizer, ndim, dtype))
+    key = (target, _config(optimizer, ndim, dtype), updates)
     with _LOCK:
         for kernel in _KERNELS.get(key, ()):
             if kernel.valid_for(values):
                 return kernel
-    traced = trace(optimizer, min(ndim, 2), dtype, {"rows": rows, "cols": cols})
+    traced = trace(optimizer, min(ndim, 2), dtype, {"rows": rows, "cols": cols}, updates)
     if target == "triton":
         from . import gpu
 
         kernel = gpu.build(optimizer, traced, dtype)
     else:
-        program = Program(traced, name=f"refopt_{optimizer.facts.key}_step")
+        program = Program(traced, name=f"refopt_{optimizer.facts.key}_{'updates' if updates else 'step'}")
         source = program.source()
         kernel = Kernel(traced, program, source, load(source, f"{optimizer.facts.key}-{dtype}"))
     with _LOCK:

@@ -10,9 +10,11 @@ vectorized; it still rounds correctly), ``-fopenmp`` (rows in parallel).
 from __future__ import annotations
 
 import ctypes
+import functools
 import hashlib
 import os
 import pathlib
+import platform
 import shutil
 import subprocess
 import tempfile
@@ -41,6 +43,20 @@ def cache_dir() -> pathlib.Path:
     return path
 
 
+@functools.lru_cache(maxsize=None)
+def _machine() -> str:
+    """What ``-march=native`` compiles for: the CPU's model and feature flags. Part of the cache key,
+    so a cache directory shared between machines (a network home) never hands a kernel built for
+    AVX-512 to a CPU without it."""
+    try:
+        with open("/proc/cpuinfo") as info:
+            lines = [line for line in info if line.startswith(("model name", "flags", "Features", "CPU part"))]
+        return platform.machine() + "".join(sorted(set(lines)))
+    except OSError:
+        return platform.machine() + platform.processor()
+
+
+@functools.lru_cache(maxsize=None)
 def _version(cc: str) -> str:
     try:
         return subprocess.run([cc, "--version"], capture_output=True, text=True, timeout=30).stdout
@@ -53,7 +69,7 @@ def load(source: str, name: str, include: str | None = None) -> ctypes.CDLL:
     ``include``: a directory of headers it needs (jaxlib's, for the XLA FFI handler)."""
     cc = compiler()
     flags = FLAGS + (("-I", include) if include else ())
-    key = hashlib.sha256("\0".join((source, cc, _version(cc), *flags)).encode()).hexdigest()[:24]
+    key = hashlib.sha256("\0".join((source, cc, _version(cc), _machine(), *flags)).encode()).hexdigest()[:24]
     with _LOCK:
         lib = _LOADED.get(key)
         if lib is not None:

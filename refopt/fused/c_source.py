@@ -276,10 +276,14 @@ def _literal(value, dtype: str) -> str:
 
 
 FFI_HANDLER = r"""
+#include <string.h>
 #include "xla/ffi/api/c_api.h"
 
-/* XLA FFI handler (typed FFI, C API): args = (params f64[n], param, grad, state...), rets =
-   (param, state...) aliased with the inputs, so the kernel updates them in place. */
+/* XLA FFI handler (typed FFI, C API). args = (values, step, runtime, slots, param, grad, state...):
+   values: the kernel's {count} float64 arguments and the thread count, as the bits of float64s
+   (uint32 pairs, so jax needs no x64 to pass them); step: the 0-d step count (int32 or int64);
+   runtime: traced values (float32 or float64, e.g. a scheduled lr) put in the argument slots named
+   by slots (int32). rets = (param, state...), aliased with the inputs: updated in place. */
 XLA_FFI_Error* {name}_ffi(XLA_FFI_CallFrame* frame) {{
     for (XLA_FFI_Extension_Base* ext = frame->extension_start; ext; ext = ext->next) {{
         if (ext->type == XLA_FFI_Extension_Metadata) {{
@@ -293,23 +297,36 @@ XLA_FFI_Error* {name}_ffi(XLA_FFI_CallFrame* frame) {{
     if (frame->stage != XLA_FFI_ExecutionStage_EXECUTE) return NULL;
     XLA_FFI_Buffer** args = (XLA_FFI_Buffer**)frame->args.args;
     XLA_FFI_Buffer** rets = (XLA_FFI_Buffer**)frame->rets.rets;
-    const double* params = (const double*)args[0]->data;
+    double values[{count} + 1];
+    memcpy(values, args[0]->data, sizeof values);
+    {step_line}
+    const int32_t* slots = (const int32_t*)args[3]->data;
+    for (int64_t i = 0; i < args[2]->dims[0]; i++)
+        values[slots[i]] = args[2]->dtype == XLA_FFI_DataType_F64 ? ((const double*)args[2]->data)[i]
+                                                                 : (double)((const float*)args[2]->data)[i];
     XLA_FFI_Buffer* p = rets[0];
     int64_t numel = 1;
     for (int64_t d = 0; d < p->rank; d++) numel *= p->dims[d];
     int64_t rows = p->rank >= 2 ? p->dims[0] : 1;
     int64_t cols = rows > 0 ? numel / rows : 0;
-    int nthreads = (int)params[{threads_index}];
-    {name}((const double*)params, rows, cols, nthreads{pointers});
+    int nthreads = (int)values[{count}];
+    {name}(values, rows, cols, nthreads{pointers});
     return NULL;
 }}
 """
 
+FFI_FIXED_ARGS = 4  # values, step, runtime, slots: then param, grad, state...
+
 
 def ffi_source(program: Program) -> str:
     """The XLA FFI handler that runs ``program``'s kernel from jax (refopt.optax): inputs in the
-    order (params, param, grad, buffers...), outputs param and buffers aliased with them."""
-    ret_index = {name: i for i, name in enumerate(["param", *[n for n in program.inputs if n not in ("param", "grad")]])}
-    pointers = "".join(f", args[2]->data" if name == "grad" else f", rets[{ret_index[name]}]->data"
+    order (values, step, runtime, slots, param, grad, buffers...), outputs (param, or the updates
+    written over grad; buffers...), aliased with the inputs they overwrite."""
+    written = list(program.outputs)  # "param" or "grad" (the updates) first, then the state buffers
+    read_only = {"param": FFI_FIXED_ARGS, "grad": FFI_FIXED_ARGS + 1}
+    pointers = "".join(f", rets[{written.index(name)}]->data" if name in written else f", args[{read_only[name]}]->data"
                        for name in program.inputs)
-    return FFI_HANDLER.format(name=program.name, threads_index=len(program.params), pointers=pointers)
+    step_line = ("" if "step" not in program.params else
+                 f"values[{program.params.index('step')}] = args[1]->dtype == XLA_FFI_DataType_S64 ? "
+                 "(double)*(const int64_t*)args[1]->data : (double)*(const int32_t*)args[1]->data;")
+    return FFI_HANDLER.format(name=program.name, count=len(program.params), step_line=step_line, pointers=pointers)

@@ -349,13 +349,16 @@ class Traced:
     store_dtype: str
 
 
-def trace(optimizer, ndim: int, dtype: str, sizes: dict) -> Traced:
+def trace(optimizer, ndim: int, dtype: str, sizes: dict, updates: bool = False) -> Traced:
     """Trace ``optimizer._update`` for a parameter of ``ndim`` dimensions and dtype ``dtype``.
 
     The symbolic parameter has shape (rows, cols) (ndim >= 2; its trailing axes collapsed: A1
     and A2 reduce over all of them) or (cols,) / () for ndim <= 1; ``sizes`` gives a real
     ``rows`` and ``cols`` for the guards on sizes (e.g. A2's "more than 2 elements").
-    Hyperparameters become runtime parameters named after them; the step count is ``step``."""
+    Hyperparameters become runtime parameters named after them; the step count is ``step``.
+    ``updates``: instead of the new parameter, output ``updates = new - param`` (optax's form,
+    rounded once in the parameter's dtype, as ``jnp.subtract`` rounds it) in place of the gradient,
+    the parameter read-only."""
     from .._state import DOPEState, SAVEUSState  # noqa: F401 - the core's containers
 
     values = dict(_hyperparameter_values(optimizer), **sizes)
@@ -369,7 +372,12 @@ def trace(optimizer, ndim: int, dtype: str, sizes: dict) -> Traced:
     state = optimizer.State(ns.param("step", "int64"), *buffers)
     proxy = _Proxy(optimizer, ns)
     new_param, new_state = type(optimizer)._update(proxy, param, grad, state)
-    outputs = {"param": new_param.node}
+    if updates:  # written over the gradient: XLA reuses its buffer (no fresh, page-faulting allocation)
+        work = dtype if dtype in ("float32", "float64") else "float32"  # 16-bit: exact in float32, rounded once
+        difference = ns.subtract(ns.astype(new_param, ns.dtype_of(work)), ns.astype(param, ns.dtype_of(work)))
+        outputs = {"grad": ns.astype(difference, ns.dtype_of(dtype)).node}
+    else:
+        outputs = {"param": new_param.node}
     outputs.update({name: getattr(new_state, name).node for name in optimizer.facts.buffers})
     return Traced(outputs, tr, dtype)
 

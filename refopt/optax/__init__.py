@@ -7,10 +7,14 @@
 
 Each leaf is stepped by the core (refopt.SAVEUS / refopt.DOPE), so per-tensor clauses (S1/S2,
 D1-D3, D10, D12) act per leaf, as the reference acts per parameter tensor. Under ``jax.jit`` with
-sharded inputs the core's reductions are global over each (sharded) leaf. On one CPU device, DOPE
-leaves of float32/float64 with at least ``_rowblock.MIN_NUMEL`` elements and ndim >= 2 take a
-row-blocked program built from the same clause functions (fewer passes over memory; equal to the
-core up to the summation order of its reductions; see ``_rowblock.py``).
+sharded inputs the core's reductions are global over each (sharded) leaf. On the CPU backend of one
+device (``fused=None``, the default) each floating leaf is stepped by refopt.fused's compiled kernel
+instead: the core's step traced and compiled to C, called as an XLA FFI custom call that updates the
+donated parameter and state in place; it equals the core up to the summation order of its
+reductions (within the vectors' budgets), and takes the hyperparameters as float64 with or without
+``jax_enable_x64``. Without a C compiler, large DOPE leaves (float32/float64, at least
+``_rowblock.MIN_NUMEL`` elements, ndim >= 2) take a row-blocked program built from the same clause
+functions (see ``_rowblock.py``), the rest the core.
 
 Learning rate. ``learning_rate`` (optax's name, first positional) and ``lr`` (the reference's
 name) are aliases; give at most one. It is a number or a schedule ``count -> lr`` where ``count``
@@ -29,7 +33,11 @@ within a factor of two of each other (Sterbenz), so ``apply_updates`` reproduces
 bit on those elements; elsewhere (a sign change, or |update| >= |param|) the re-added result may
 differ from the core's by at most one rounding at the larger of |param|, |new|, i.e. within the
 tolerance model (one unit in the last place of the parameter's scale). ``refopt.optax.step(tx,
-grads, state, params)`` returns the core's new parameters exactly.
+grads, state, params)`` returns the core's new parameters exactly. The fused kernel computes that
+difference itself and writes it over the gradient's buffer, reading the parameter only: inside a
+jitted training step (gradients computed in it, parameters and state donated) nothing is copied
+and ``apply_updates`` is one pass; a gradient that is an argument of the jitted function and not
+donated is copied first (the caller's array is never modified).
 
 State. ``SAVEUSState(step, ema, ema_squared)`` / ``DOPEState(step, exp_avg, fim, fim_diff,
 prev_grad)``: one 0-d integer ``step`` (updates done; all leaves step together; int64 with x64, so
@@ -124,7 +132,7 @@ def transform(cls: type[Optimizer], learning_rate: ScalarOrSchedule | None = Non
     ``hparams`` go to the core constructor, ``profile`` and ``quirks`` included. The step is
     jitted (also when called eagerly) except with ``check_finite=True``, which syncs with the host
     and so works only outside ``jax.jit``. ``fused`` (default None: where possible): on the CPU
-    backend of one device with ``jax_enable_x64``, each leaf is stepped by refopt.fused's compiled
+    backend of one device, each leaf is stepped by refopt.fused's compiled
     kernel, an XLA FFI custom call that updates the donated parameter and state in place
     (refopt/fused/jax_ffi.py); True raises where a leaf cannot be, False never uses it."""
     if fused is not None and not isinstance(fused, bool):
@@ -147,8 +155,9 @@ def transform(cls: type[Optimizer], learning_rate: ScalarOrSchedule | None = Non
         buffers = [treedef.unflatten([b[i] for b in per_leaf]) for i in range(len(State._fields) - 1)]
         return State(_step_zero(leaves), *buffers)
 
-    def exact_step(grads, state, params):
-        """(new_params, new_state): the core's new parameters, leaf by leaf."""
+    def step_leaves(grads, state, params, as_updates: bool):
+        """(new_params or updates, new_state), leaf by leaf. Updates are ``new - param`` rounded
+        once in the leaf's dtype; the fused kernel writes them itself, reading the parameter only."""
         if not isinstance(state, State):
             raise TypeError(f"refopt.optax.{opt.name.lower()}: state must be a refopt.optax.{State.__name__} "
                             f"from this transformation's init, got {type(state).__name__}")
@@ -161,26 +170,34 @@ def transform(cls: type[Optimizer], learning_rate: ScalarOrSchedule | None = Non
         bufs = [treedef.flatten_up_to(b) for b in state[1:]]
         leaves = [jnp.asarray(p) for p in leaves]  # NumPy leaves are accepted, as optax does
         g_leaves = [jnp.asarray(g) for g in g_leaves]
-        new_p, new_bufs = [], [[] for _ in bufs]
+        outs, new_bufs = [], [[] for _ in bufs]
         for i, (p, g) in enumerate(zip(leaves, g_leaves)):
             leaf_step = _leaf_step(opt, p, fused)
-            n, s = leaf_step(step_opt, p, g, opt.State(state.step, *(b[i] for b in bufs)))
-            new_p.append(n.astype(p.dtype))  # a no-op unless _weak had to fall back
+            leaf_state = opt.State(state.step, *(b[i] for b in bufs))
+            if as_updates and getattr(leaf_step, "func", None) is _fused_step:
+                out, s = leaf_step(step_opt, p, g, leaf_state, updates=True)
+            else:
+                n, s = leaf_step(step_opt, p, g, leaf_state)
+                out = n.astype(p.dtype)  # a no-op unless _weak had to fall back
+                out = jnp.subtract(out, p) if as_updates else out
+            outs.append(out)
             for acc, x in zip(new_bufs, s[1:]):
                 acc.append(x)
         new_state = State(state.step + 1, *(treedef.unflatten(b) for b in new_bufs))
-        return treedef.unflatten(new_p), new_state
+        return treedef.unflatten(outs), new_state
+
+    exact_step = functools.partial(step_leaves, as_updates=False)  # (new_params, new_state)
+    updates_step = functools.partial(step_leaves, as_updates=True)
 
     def update_fn(updates, state, params=None, **extra_args):
         del extra_args
-        new_params, new_state = exact_step(updates, state, params)
-        return jax.tree_util.tree_map(jnp.subtract, new_params, params), new_state
+        return updates_step(updates, state, params)
 
     # Traced even when called eagerly: one compiled program per tree structure (no per-leaf
     # dispatch), and the core's device checks see tracers, so eagerly passed multi-device (sharded)
     # leaves work too. check_finite reads values on the host, so it stays eager.
     if not opt.check_finite:
-        exact_step = jax.jit(exact_step)
+        exact_step, updates_step = jax.jit(exact_step), jax.jit(updates_step)
     update_fn.refopt_step = exact_step
     return optax.GradientTransformationExtraArgs(init_fn, update_fn)
 
@@ -299,14 +316,14 @@ def _core_step(opt, p, g, state):
 
 
 def _leaf_step(opt, p, fused):
-    """How a leaf is stepped: the fused kernel (CPU, float64 scalars, one device) unless
+    """How a leaf is stepped: the fused kernel (CPU, one device) unless
     ``fused`` is False or the configuration cannot be fused; else the row-blocked walk for large
     DOPE leaves; else the core."""
     if fused is not False and p.size and not opt.check_finite and _fused_leaf(opt, p):
         return functools.partial(_fused_step, opt)
     if fused and p.size:  # an empty leaf only counts the step (A6): no kernel needed
         raise RuntimeError(f"refopt.optax: fused=True, but leaf {p.shape} {p.dtype} cannot take the fused kernel "
-                           "(it needs the CPU backend on one device, jax_enable_x64 and a C compiler)")
+                           "(it needs the CPU backend on one device and a C compiler)")
     return _rowblock.step if _rowblock.applies(opt, p) else _core_step
 
 
@@ -326,12 +343,13 @@ def _fused_leaf(opt, p) -> bool:
     return True
 
 
-def _fused_step(static_opt, opt, p, g, state):
-    """``opt`` (whose lr may be a traced schedule value) through the kernel of ``static_opt``."""
+def _fused_step(static_opt, opt, p, g, state, updates=False):
+    """``opt`` (whose lr may be a traced schedule value) through the kernel of ``static_opt``;
+    ``updates``: return ``new - p`` (the parameter is only read)."""
     from ..fused import jax_ffi
 
     _validate.step_inputs(opt.facts.name, opt.State, p, g, state)
-    return jax_ffi.step(static_opt, p, g, state, runtime=opt.hparams)
+    return jax_ffi.step(static_opt, p, g, state, runtime=opt.hparams, updates=updates)
 
 
 __all__ = ["saveus", "dope", "transform", "step", "SAVEUSState", "DOPEState", "STATIC_ARGS"]

@@ -18,6 +18,10 @@ They behave as torch.optim optimizers do under torch's tools: a 1-element tensor
 break and runs eagerly (it plans its batches on the host), so results equal eager ones. For one
 graph, compile the core's pure step: ``torch.compile(refopt.DOPE().step, fullgraph=True)``. See
 the class docstrings for the details and for the reference behaviours on zero gradients.
+
+Sharded parameters (FSDP2, ``DTensor``) are stepped on their local shards with every per-tensor
+statistic global over the mesh (``_sharded.py``); DDP and ``ZeroRedundancyOptimizer`` work as
+with any torch.optim optimizer. backends/README.md shows how to train with them.
 """
 from __future__ import annotations
 

@@ -14,7 +14,7 @@ from .. import _docs, registry
 from .._optimizer import bind_hparams
 from . import _fused
 from . import _kernels as K
-from . import _plan
+from . import _plan, _sharded
 
 FLOATS = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 FORMAT_KEY = "refopt_format"
@@ -106,6 +106,13 @@ ADAPTER_NOTES = """
 
     Parameters may be float16, bfloat16, float32 or float64, on any device; parameters whose
     ``grad`` is None are skipped; empty parameters only count the step (A6).
+
+    Sharded parameters (``DTensor``: FSDP2's ``fully_shard``, tensor parallelism, HSDP) are
+    stepped on their local shards with every per-tensor statistic global over the mesh (partial
+    sums all-reduced, nothing gathered); their state buffers are DTensors laid out like them, which
+    ``torch.distributed.checkpoint`` saves sharded. Before torch's ``get_state_dict`` on an
+    optimizer that has not stepped, call ``init_state()``: torch would create the state by a
+    zero-gradient step with lr=0, which counts. See backends/README.md.
 """
 
 
@@ -227,14 +234,20 @@ class TorchOptimizer(torch.optim.Optimizer):
             if p.grad is None:
                 continue
             t = self._check(p) + 1
-            buckets.setdefault((p.device, p.dtype, t), []).append(p)
+            buckets.setdefault((p.device, p.dtype, t, _sharded.is_dtensor(p)), []).append(p)
         foreach = group.get("foreach") is not False
-        return [(core, foreach, ps, t, self._scalars(core, t, step_lr(group["lr"], dev)))
-                for (dev, _, t), ps in buckets.items()]
+        jobs = []
+        for (dev, _, t, sharded), ps in buckets.items():
+            if sharded:  # DTensors: the core's update on local shards, its lr read on the host
+                jobs.append((self._core(group), foreach, ps, t, None))
+            else:
+                jobs.append((core, foreach, ps, t, self._scalars(core, t, step_lr(group["lr"], dev))))
+        return jobs
 
     def _check(self, p) -> int:
         """Raises on what the step cannot take; returns the parameter's step count so far."""
         grad, name = p.grad, self.Core.facts.name
+        _sharded.check(p, f"refopt.torch.{name}")
         if grad.is_sparse or grad.layout != torch.strided:
             raise RuntimeError(f"refopt.torch.{name} does not support sparse gradients")
         if p.dtype not in FLOATS:
@@ -264,14 +277,37 @@ class TorchOptimizer(torch.optim.Optimizer):
                                  f"parameter is {p.dtype} on {p.device}")
         return t
 
+    def _init_state(self, p) -> None:
+        """S0/D0 for ``p`` if it has no state: step 0 and zero buffers laid out like ``p``."""
+        if not self.state.get(p):
+            st = self.state[p]
+            st["step"] = step_tensor(0)
+            for k in self.BUFFERS:
+                st[k] = torch.zeros_like(p, memory_format=torch.preserve_format)
+
+    @torch.no_grad()
+    def init_state(self) -> None:
+        """Create the state (step 0, zero buffers) of every parameter that has none, without a step.
+
+        Call it before ``torch.distributed.checkpoint.state_dict.get_state_dict`` (or
+        ``get_optimizer_state_dict``/``set_optimizer_state_dict``) on an optimizer that has not
+        stepped yet: torch otherwise creates the state by a real ``step()`` with zero gradients and
+        lr=0, which counts as step 1 (the first real step then uses t=2) and, with ``eps=0``, turns
+        the parameters NaN (the reference's 0/0; refopt computes that step as specified)."""
+        for group in self.param_groups:
+            for p in group["params"]:
+                if p.requires_grad:  # as torch's checkpoint initialisation chooses them
+                    self._init_state(p)
+
     def _run(self, core, foreach, params, t, scalars):
+        """One step of ``params`` (one device, dtype and count); ``scalars`` None: DTensors."""
         for p in params:
-            if not self.state.get(p):  # S0/D0
-                st = self.state[p]
-                st["step"] = step_tensor(0)
-                for k in self.BUFFERS:
-                    st[k] = torch.zeros_like(p, memory_format=torch.preserve_format)
-        live = [p for p in params if p.numel()]  # A6: empty tensors only count the step
+            self._init_state(p)
+        live = [p for p in params if p.numel()]  # A6 (a DTensor's numel is global): only count the step
+        if live and scalars is None:  # DTensors: the core on local shards, reductions global
+            _sharded.update(core, live, [self.state[p] for p in live], self.BUFFERS, t,
+                            f"refopt.torch.{self.Core.facts.name}")
+            live = []
         if live and self._fused is not False:
             rest = _fused.step(core, live, [p.grad for p in live], [self.state[p] for p in live], self.BUFFERS,
                                t, scalars["lr"], torch.get_num_threads(), bool(self._fused))

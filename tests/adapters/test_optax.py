@@ -1,7 +1,7 @@
 """refopt.optax: the core's numbers over pytrees, optax conventions, schedules, no retracing.
 
 The exactness tests run the core's own program (``fused=False``); the fused kernel (the default on
-one CPU device with x64) computes the same up to the order of its sums, checked at the end."""
+one CPU device) computes the same up to the order of its sums, checked at the end."""
 import functools
 
 import numpy as np
@@ -221,3 +221,69 @@ def test_fused_kernel_follows_the_core_with_a_schedule(cls, factory, hp):
                        make_tree(np.float64), grads, True)
     for k in SHAPES:
         assert_close(got[k], want[k], 1e-10)
+
+
+_WITHOUT_X64 = """
+import sys, numpy as np, jax, jax.numpy as jnp, refopt.optax as ro
+assert not jax.config.read("jax_enable_x64")
+p, gs = np.load(sys.argv[1]), np.load(sys.argv[2])
+for name in ("saveus", "dope"):
+    tx = getattr(ro, name)(1e-2, weight_decay=0.1, fused=True)
+    params = {"w": jnp.asarray(p)}
+    state = tx.init(params)
+    for g in gs:
+        params, state = tx.update.refopt_step({"w": jnp.asarray(g)}, state, params)
+    np.save(sys.argv[3] + name + ".npy", np.asarray(params["w"]))
+"""
+
+
+def test_fused_kernel_takes_float64_scalars_without_x64(tmp_path):
+    """Without jax_enable_x64 (JAX's default) the kernel still gets the hyperparameters as the
+    float64 numbers they are: its result equals the one under x64 bit for bit."""
+    import subprocess
+    import sys
+
+    from refopt import fused
+
+    if not fused.available():
+        pytest.skip("no C compiler")
+    rng = np.random.default_rng(5)
+    p, gs = rng.standard_normal((9, 7)).astype(np.float32), rng.standard_normal((3, 9, 7)).astype(np.float32)
+    np.save(tmp_path / "p.npy", p)
+    np.save(tmp_path / "g.npy", gs)
+    subprocess.run([sys.executable, "-c", _WITHOUT_X64, str(tmp_path / "p.npy"), str(tmp_path / "g.npy"),
+                    str(tmp_path / "out_")], check=True, timeout=300)
+    for name in ("saveus", "dope"):
+        tx = getattr(ro, name)(1e-2, weight_decay=0.1, fused=True)
+        params = {"w": jnp.asarray(p)}
+        state = tx.init(params)
+        for g in gs:
+            params, state = tx.update.refopt_step({"w": jnp.asarray(g)}, state, params)
+        np.testing.assert_array_equal(np.load(tmp_path / f"out_{name}.npy"), np.asarray(params["w"]))
+
+
+@pytest.mark.parametrize("dtype", ["float16", "bfloat16", "float32", "float64"])
+@pytest.mark.parametrize("factory", [ro.saveus, ro.dope])
+def test_fused_updates_are_the_new_parameter_minus_the_old(factory, dtype):
+    """``update`` takes the kernel that writes ``new - param`` itself over the gradient's buffer
+    (the parameter only read, so XLA keeps no copy of it): the same numbers as the new parameters
+    minus the old, rounded once; the caller's gradients stay as they were."""
+    from refopt import fused
+
+    if not fused.available():
+        pytest.skip("no C compiler")
+    rng = np.random.default_rng(3)
+    params = {"w": jnp.asarray(rng.standard_normal((5, 6)), dtype), "b": jnp.asarray(rng.standard_normal(6), dtype)}
+    grads = {k: jnp.asarray(rng.standard_normal(v.shape), dtype) for k, v in params.items()}
+    kept = {k: np.asarray(v, np.float64) for k, v in grads.items()}
+    tx = factory(3e-2, weight_decay=0.1, fused=True)
+    state = tx.init(params)
+    updates, s1 = tx.update(grads, state, params)
+    for k in grads:
+        np.testing.assert_array_equal(np.asarray(grads[k], np.float64), kept[k])
+    new, s2 = tx.update.refopt_step(grads, state, params)
+    for k in params:
+        assert updates[k].dtype == params[k].dtype
+        np.testing.assert_array_equal(np.asarray(updates[k], np.float64), np.asarray(new[k] - params[k], np.float64))
+    for a, b in zip(jax.tree.leaves(s1), jax.tree.leaves(s2)):
+        np.testing.assert_array_equal(np.asarray(a, np.float64), np.asarray(b, np.float64))

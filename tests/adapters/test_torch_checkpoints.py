@@ -248,3 +248,23 @@ def test_distributed_checkpoint_round_trip(name, tmp_path):
     fresh.k = 3
     assert fresh.step(2).same_as(full)
     assert float(fresh.opt.param_groups[0]["lr"]) == pytest.approx(3e-3)
+
+
+@pytest.mark.parametrize("name", OPTS)
+def test_init_state_creates_step_zero_state_without_a_step(name):
+    """init_state() is S0/D0 for every parameter that trains (and has no state yet): torch's
+    checkpoint helpers then find state and take no zero-gradient step of their own."""
+    r = Run(name)
+    frozen = r.model[2].bias
+    frozen.requires_grad_(False)
+    before = [p.detach().clone() for p in r.model.parameters()]
+    r.opt.init_state()
+    assert frozen not in r.opt.state
+    for p, b in zip(r.model.parameters(), before):
+        assert torch.equal(p, b)
+        st = r.opt.state.get(p)
+        if p is not frozen:
+            assert _optim.is_step_tensor(st["step"]) and int(st["step"]) == 0
+            assert all(torch.equal(v, torch.zeros_like(p)) for k, v in st.items() if k != "step")
+    frozen.requires_grad_(True)
+    assert r.step(2).same_as(Run(name, 2))  # the steps after it are a fresh optimizer's
