@@ -4,8 +4,9 @@
 # 15-minute device budget (stage limits add up to 13 minutes at worst; a normal run takes
 # about 6). Log: $OUT/gpu_check.log ($OUT defaults to ./gpu_check_out). Exit 0 all passed; 1 a stage
 # failed; 2 a Python dependency is missing; 3 no GPU. GPU_CHECK_DRY_RUN=1 runs every stage on CPU
-# stand-ins (a self-check of this script). See backends/README.md (wheel folder .whl/, what each
-# stage checks).
+# stand-ins (a self-check of this script); GPU_CHECK_ONLY=REGEX runs only the stages whose names
+# match (a rerun inside a budget). See backends/README.md (wheel folder .whl/, what each stage
+# checks).
 set -uo pipefail
 ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
 cd "$ROOT"
@@ -22,6 +23,7 @@ stage() { echo; echo "=== $1 [$(date -u +%H:%M:%S), ${SECONDS}s]"; }
 # run NAME LIMIT_S CMD...: runs one stage under a time limit and records a failure
 run() {
   local name=$1 limit=$2; shift 2
+  if ! [[ "$name" =~ ${GPU_CHECK_ONLY:-.} ]]; then echo; echo "=== $name: skipped (GPU_CHECK_ONLY)"; return 0; fi
   stage "$name"
   echo "+ $*"
   timeout --kill-after=10 "$limit" "$@"

@@ -185,7 +185,7 @@ def compile_ahead(kernel: TritonKernel, dtype: str, r: int, c: int, capability: 
     from triton.compiler import ASTSource
 
     pointer = {"float16": "*fp16", "bfloat16": "*i16", "float32": "*fp32", "float64": "*fp64"}[dtype]
-    signature = {"params": "*fp64", "rowvals": "*fp64", "totals": "*fp64", "partials": "*fp64", "rows": "i32",
+    signature = {"hparams": "*fp64", "rowvals": "*fp64", "totals": "*fp64", "partials": "*fp64", "rows": "i32",
                  "cols": "i32", "chunk": "i32", **{f"in_{name}": pointer for name in kernel.inputs},
                  "R": "constexpr", "C": "constexpr"}
     out = []

@@ -34,8 +34,12 @@ from .symbolic import FLOATS, SCALAR, Node, TraceError
 TTYPE = {"float16": "tl.float32", "bfloat16": "tl.float32", "float32": "tl.float32", "float64": "tl.float64",
          "weak": "tl.float64", "weak_int": "tl.int64", "int32": "tl.int32", "int64": "tl.int64", "bool": "tl.int1"}
 BINARY = {"add": "+", "sub": "-", "mul": "*", "gt": ">", "ge": ">=", "lt": "<", "le": "<=", "eq": "==", "ne": "!="}
-#: the kernel arguments before the tensors; rows, cols and chunk are ints, the rest float64 pointers
-HEAD = ("params", "rowvals", "totals", "partials", "rows", "cols", "chunk")
+#: the kernel arguments before the tensors; rows, cols and chunk are ints, the rest float64 pointers.
+#: Not "params", "specialization" or "options": Triton's argument binder (triton/runtime/jit.py,
+#: create_function_from_signature) assigns local variables of those names before it reads the
+#: arguments, so a kernel argument so named reaches the specialiser as a dict (a launch fails with
+#: "failed to specialize argument of type: dict"; compiling ahead through ASTSource does not bind).
+HEAD = ("hparams", "rowvals", "totals", "partials", "rows", "cols", "chunk")
 
 #: Inline forms of small helpers (a nested jit function costs a patching of triton.language per
 #: call in the interpreter); ``{a}`` and ``{b}`` are variable names or constant expressions.
@@ -205,7 +209,7 @@ class TritonProgram:
     def _scalar(self, n: Node) -> str:
         """A tensor-scope value: a run-time value, an earlier sweep's total, or an operation."""
         if n.op == "param":
-            value = f"tl.load(params + {self.params.index(n.args[0])})"
+            value = f"tl.load(hparams + {self.params.index(n.args[0])})"
             return value if TTYPE[n.dtype] == "tl.float64" else f"{value}.to({TTYPE[n.dtype]})"
         if is_reduction(n, "global"):
             total = f"tl.load(totals + {self.total_index[id(n)]})"

@@ -111,6 +111,25 @@ def test_every_kernel_compiles_for_sm90_rounding_as_the_core(opt, dtype):
     _check_ptx(opt, dtype, 8, 128)
 
 
+def test_a_launch_binds_every_argument_as_itself():
+    """Triton's launch binder (not used when compiling ahead, nor by the interpreter) names locals
+    of its own; a kernel argument of such a name reached the specialiser as a dict on a GPU."""
+    _triton()
+    torch = pytest.importorskip("torch")
+    try:
+        from triton.backends.compiler import BaseBackend
+        from triton.runtime.jit import create_function_from_signature
+    except ImportError as exc:
+        pytest.skip(f"this triton has no launch binder of the known form ({exc})")
+    kernel = fused.kernel_for(refopt.DOPE(), 2, "float32", 8, 128, target="triton")
+    for fn in kernel._kernels:
+        binder = create_function_from_signature(fn.signature, fn.params, BaseBackend)
+        pointers = [torch.zeros(8, dtype=torch.float64) for _ in range(4)]
+        arrays = [torch.zeros(1024) for _ in kernel.inputs]
+        bound, _, _ = binder(*pointers, 8, 128, 128, *arrays, R=8, C=128, num_warps=4)
+        assert all(a is b for a, b in zip(bound.values(), [*pointers, 8, 128, 128, *arrays]))
+
+
 # ---- numbers, under the interpreter ---------------------------------------------------------
 
 def _interpreted(*options):
