@@ -51,8 +51,12 @@ def work_dtype(xp, dtype):
 
 @lru_cache(maxsize=None)
 def _has_float64(xp, device) -> bool:
-    try:  # probed once per (namespace, device), on that device, outside any hot path
-        return xp.asarray(0.0, dtype=xp.float64, device=device).dtype == xp.float64
+    # Probed once per (namespace, device), on that device. With ``full``, not ``asarray``: on CUDA
+    # an asarray of a Python number is a host-to-device copy, which raises under
+    # torch.cuda.set_sync_debug_mode("error"); that answer was cached, and float64 scalars
+    # silently became float32 for the rest of the process.
+    try:
+        return xp.full((), 0.0, dtype=xp.float64, device=device).dtype == xp.float64
     except Exception:  # e.g. torch on MPS, or JAX without x64
         return False
 

@@ -29,7 +29,7 @@ from __future__ import annotations
 import math
 
 from .schedule import Schedule, deps, is_reduction, walk
-from .symbolic import FLOATS, SCALAR, Node, TraceError
+from .symbolic import FLOATS, ROW, SCALAR, Node, TraceError
 
 TTYPE = {"float16": "tl.float32", "bfloat16": "tl.float32", "float32": "tl.float32", "float64": "tl.float64",
          "weak": "tl.float64", "weak_int": "tl.int64", "int32": "tl.int32", "int64": "tl.int64", "bool": "tl.int1"}
@@ -109,13 +109,20 @@ class TritonProgram:
         self.sweeps = [{"kernel": f"{name}_sweep{s.index}", "totals": [self.total_index[id(n)] for n, _ in s.globals],
                         "splits": not s.passes} for s in self.schedule.sweeps]
         self._names = {}
+        self._in_loop = False  # emitting a column loop's body: row values are used as [R, 1]
 
     # ---- naming and expressions --------------------------------------------------------------
     def var(self, n: Node) -> str:
         return self._names.setdefault(id(n), f"v{len(self._names)}")
 
     def ref(self, n: Node) -> str:
-        return self.var(n) if n.op not in ("const", "param") else self.expr(n)
+        if n.op in ("const", "param"):
+            return self.expr(n)
+        # Row values live as [R] vectors outside the column loops and are broadcast at each use
+        # inside them: a [R, 1] value made before a loop and used in it made Triton 3.5/3.6's
+        # layout pass (TritonGPURemoveLayoutConversions) emit IR that fails verification
+        # ("operand does not dominate this use") for small tiles.
+        return f"{self.var(n)}[:, None]" if self._in_loop and n.scope == ROW else self.var(n)
 
     def expr(self, n: Node) -> str:
         a = [self.ref(x) for x in deps(n)]
@@ -223,14 +230,14 @@ class TritonProgram:
         return self.expr(n)
 
     def _row_value(self, n: Node, here: set) -> str:
-        """A row reduction's result, as a [R, 1] column: this sweep's accumulator, or an earlier
+        """A row reduction's result, as a [R] vector: this sweep's accumulator, or an earlier
         sweep's from the rows x slots table."""
         slot = self.row_slots[id(n)]
         value = f"racc{slot}" if id(n) in here else \
             f"tl.load(rowvals + r64 * {self.n_slots} + {slot}, mask=rmask, other=0)"
         if n.op == "row_mean":
             value = f"({value} / p_cols.to(tl.float64))"
-        return f"{cast(value, 'float64', n.dtype)}[:, None]"
+        return cast(value, 'float64', n.dtype)
 
     def _loop(self, loop, here: set) -> list:
         """One loop over the columns of the tile's rows: the row values it needs first, then per
@@ -240,7 +247,14 @@ class TritonProgram:
             out.append(f"    {self.var(n)} = {self._row_value(n, here) if is_reduction(n, 'row') else self.expr(n)}")
         if not (loop.reductions or loop.stores or loop.globals):
             return out
-        sums = []  # (accumulator, init, update)
+        self._in_loop = True
+        try:
+            return out + self._loop_body(loop)
+        finally:
+            self._in_loop = False
+
+    def _loop_body(self, loop) -> list:
+        out, sums = [], []  # (accumulator, init, update)
         for n, operand in loop.reductions:
             slot = self.row_slots[id(n)]
             sums.append((f"racc{slot}", "tl.full((R,), 0, tl.float64)",
