@@ -78,3 +78,21 @@ def test_readonly_inputs_are_readonly(backend_factory):
     a = b.asarray(np.ones(3))
     with pytest.raises(ValueError):
         a[0] = 2.0
+
+
+def test_float64_scalars_are_probed_without_a_host_copy():
+    """A4's float64 scalars are chosen by a probe made with ``full`` on the device: on CUDA an
+    ``asarray`` of a Python number is a host-to-device copy, which raises under
+    torch.cuda.set_sync_debug_mode("error"); that failure was cached, and every later step of
+    the process computed its scalars in float32 (float64 results off by ~1e-8)."""
+    import types
+
+    from refopt._arrays import scalar_dtype
+
+    def no_host_copies(*args, **kwargs):
+        raise RuntimeError("a host-to-device copy inside a guarded region")
+
+    guarded = types.SimpleNamespace(__name__="guarded", float64=np.float64, float32=np.float32,
+                                    asarray=no_host_copies,
+                                    full=lambda shape, value, dtype=None, device=None: np.full(shape, value, dtype))
+    assert scalar_dtype(guarded, "cuda:0") == np.float64
