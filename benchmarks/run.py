@@ -82,7 +82,7 @@ def _compare_builders(lib: str, specs: list) -> list:
         kind, _, rest = spec.partition(":")
         if (kind == "torch") != (lib == "torch") or (kind == "optax") != (lib == "jax"):
             continue
-        from refopt.conformance.ports import load_object
+        from refopt.conformance.adapters import load_object
 
         obj = load_object(rest, kind)
         opt = "DOPE" if "dope" in rest.lower() else "SAVEUS" if "saveus" in rest.lower() else "AdamW"
