@@ -25,6 +25,9 @@ from .symbolic import TraceError, guards_hold, trace
 __all__ = ["Kernel", "kernel_for", "TraceError", "CompilerUnavailable", "available"]
 
 _KERNELS: dict = {}
+#: (target, updates, configuration with every hyperparameter's value, rows, cols) -> the kernel
+#: kernel_for chose: its guards are evaluated once per such key, not once per tensor and step.
+_CHOSEN: dict = {}
 _LOCK = threading.Lock()
 
 
@@ -83,12 +86,22 @@ def kernel_for(optimizer, ndim: int, dtype: str, rows: int, cols: int, updates: 
         raise ValueError(f"target must be 'c' or 'triton', got {target!r}")
     if updates and target != "c":
         raise ValueError("updates=True is a C kernel's mode (refopt.optax)")
+    try:
+        chosen_key = (target, updates, type(optimizer), optimizer.quirks, min(ndim, 2), dtype, rows, cols,
+                      tuple((k, id(v) if callable(v) else v) for k, v in optimizer.hparams.items()))
+        chosen = _CHOSEN.get(chosen_key)
+    except TypeError:  # an unhashable hyperparameter value: choose afresh
+        chosen_key = chosen = None
+    if chosen is not None:
+        return chosen
     _check_traceable(optimizer)
     values = values_of(optimizer, 1, rows, cols)
     key = (target, _config(optimizer, ndim, dtype), updates)
     with _LOCK:
         for kernel in _KERNELS.get(key, ()):
             if kernel.valid_for(values):
+                if chosen_key is not None:
+                    _CHOSEN[chosen_key] = kernel
                 return kernel
     traced = trace(optimizer, min(ndim, 2), dtype, {"rows": rows, "cols": cols}, updates)
     if target == "triton":
@@ -101,6 +114,8 @@ def kernel_for(optimizer, ndim: int, dtype: str, rows: int, cols: int, updates: 
         kernel = Kernel(traced, program, source, load(source, f"{optimizer.facts.key}-{dtype}"))
     with _LOCK:
         _KERNELS.setdefault(key, []).append(kernel)
+        if chosen_key is not None:
+            _CHOSEN.setdefault(chosen_key, kernel)
     return kernel
 
 

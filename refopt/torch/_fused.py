@@ -77,7 +77,7 @@ def step(core, params, grads, states, buffers, t: int, lr, threads: int, require
         return list(range(len(params)))
     if _triton.takes_device(device):
         return _triton.step(core, params, grads, states, buffers, t, lr, required, takes)
-    rest = []
+    rest, step_values = [], {}
     for i, (p, grad, st) in enumerate(zip(params, grads, states)):
         if not takes(p, grad, st, buffers):
             rest.append(i)
@@ -95,8 +95,9 @@ def step(core, params, grads, states, buffers, t: int, lr, threads: int, require
         if kernel.row_buffers and cols > MAX_BUFFERED_ROW:
             rest.append(i)
             continue
-        values = fused.values_of(core, t - 1, rows, cols)
-        values["lr"] = lr
+        values = step_values.get((rows, cols))
+        if values is None:  # the same for every parameter of this shape in this step
+            values = step_values[rows, cols] = dict(fused.values_of(core, t - 1, rows, cols), lr=lr)
         pointers = {"param": p.data_ptr(), "grad": grad.data_ptr(), **{k: st[k].data_ptr() for k in buffers}}
         kernel(pointers, rows, cols, values, threads if numel >= MIN_THREADED else 1)
     return rest
