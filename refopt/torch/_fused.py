@@ -40,6 +40,14 @@ def available() -> bool:
     return False
 
 
+def as_rows(p) -> tuple:
+    """(ndim, rows, cols): how a kernel sees ``p``, as rows (its leading axis; A1/A2 reduce each
+    row) of cols elements."""
+    ndim = p.dim()
+    rows = p.shape[0] if ndim >= 2 else 1
+    return ndim, rows, p.numel() // rows
+
+
 def takes(p, grad, state, buffers) -> bool:
     """Whether parameter ``p`` can be stepped by a kernel (decided from metadata only)."""
     if type(p) not in (torch.Tensor, torch.nn.Parameter) or p.dtype not in DTYPES:
@@ -82,9 +90,7 @@ def step(core, params, grads, states, buffers, t: int, lr, threads: int, require
         if not takes(p, grad, st, buffers):
             rest.append(i)
             continue
-        ndim, numel = p.dim(), p.numel()
-        rows = p.shape[0] if ndim >= 2 else 1
-        cols = numel // rows
+        ndim, rows, cols = as_rows(p)
         try:
             kernel = fused.kernel_for(core, ndim, DTYPES[p.dtype], rows, cols)
         except (fused.TraceError, fused.CompilerUnavailable) as exc:
@@ -99,7 +105,7 @@ def step(core, params, grads, states, buffers, t: int, lr, threads: int, require
         if values is None:  # the same for every parameter of this shape in this step
             values = step_values[rows, cols] = dict(fused.values_of(core, t - 1, rows, cols), lr=lr)
         pointers = {"param": p.data_ptr(), "grad": grad.data_ptr(), **{k: st[k].data_ptr() for k in buffers}}
-        kernel(pointers, rows, cols, values, threads if numel >= MIN_THREADED else 1)
+        kernel(pointers, rows, cols, values, threads if rows * cols >= MIN_THREADED else 1)
     return rest
 
 

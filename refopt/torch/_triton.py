@@ -43,16 +43,14 @@ def step(core, params, grads, states, buffers, t: int, lr, required: bool, takes
     ``lr``: a float, or a 0-d float64 tensor on the parameters' device."""
     from ..fused import gpu
 
-    from ._fused import DTYPES
+    from ._fused import DTYPES, as_rows
 
     rest, vectors = [], {}
     for i, (p, grad, st) in enumerate(zip(params, grads, states)):
         if not takes(p, grad, st, buffers):
             rest.append(i)
             continue
-        ndim, numel = p.dim(), p.numel()
-        rows = p.shape[0] if ndim >= 2 else 1
-        cols = numel // rows
+        ndim, rows, cols = as_rows(p)
         tensors = {"param": _flat(p), "grad": _flat(grad), **{k: _flat(st[k]) for k in buffers}}
         kernel = None
         try:
