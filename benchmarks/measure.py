@@ -39,50 +39,31 @@ def peak_since_reset(base: int | None) -> int | None:
     return None if base is None or hwm is None else max(hwm * 1024 - base, 0)
 
 
-def time_steps(step, sync, reps: int, warmup: int) -> float:
-    """Best wall time in ms of ``step(); sync()`` after ``warmup`` untimed calls."""
-    for _ in range(warmup):
-        step()
-    sync()
-    best = float("inf")
-    for _ in range(reps):
-        t0 = time.perf_counter()
-        step()
-        sync()
-        best = min(best, time.perf_counter() - t0)
-    return best * 1e3
+def interleaved_rounds(benches: dict, rounds: int, seed: int = 0) -> dict:
+    """Seconds of ``step(); sync()`` of each bench (a ``impls.Bench`` by key), in ``rounds``
+    interleaved rounds: each round steps every bench once, in a shuffled order, so that a
+    machine's load changes hit all of them alike."""
+    import random
+
+    times = {key: [] for key in benches}
+    order = list(benches)
+    rng = random.Random(seed)
+    for _ in range(rounds):
+        rng.shuffle(order)
+        for key in order:
+            bench = benches[key]
+            t0 = time.perf_counter()
+            bench.step()
+            bench.sync()
+            times[key].append(time.perf_counter() - t0)
+    return times
 
 
-def host_copy_bandwidth(nbytes: int, reps: int = 5) -> dict:
-    """Bytes/s of a host copy (read + write counted), NumPy (one thread) and torch (all threads)."""
-    import numpy as np
+def median_ratio(times, base_times) -> float:
+    """Median over rounds of a time / the base's time in the same round."""
+    import statistics
 
-    out = {}
-    src = np.random.default_rng(0).standard_normal(nbytes // 4, dtype=np.float32)
-    dst = np.empty_like(src)
-    out["numpy"] = 2 * nbytes / _best(lambda: np.copyto(dst, src), reps)
-    try:
-        import torch
-
-        s, d = torch.from_numpy(src), torch.empty(src.shape, dtype=torch.float32)
-        out["torch"] = 2 * nbytes / _best(lambda: d.copy_(s), reps)
-    except ImportError:
-        pass
-    return out
-
-
-def cuda_copy_bandwidth(nbytes: int, reps: int = 10) -> float:
-    """Bytes/s of a device-to-device copy on the current CUDA device (torch)."""
-    import torch
-
-    s = torch.empty(nbytes // 4, dtype=torch.float32, device="cuda").normal_()
-    d = torch.empty_like(s)
-
-    def copy():
-        d.copy_(s)
-        torch.cuda.synchronize()
-
-    return 2 * nbytes / _best(copy, reps)
+    return statistics.median(a / b for a, b in zip(times, base_times))
 
 
 def _best(fn, reps: int) -> float:

@@ -42,7 +42,6 @@ import json
 import math
 import os
 import platform
-import random
 import statistics
 import subprocess
 import sys
@@ -118,17 +117,7 @@ def child(lib: str, workload: str, quick: bool, device: str, rounds: int, memory
         for row in rows.values():
             print(json.dumps(row), flush=True)
         return
-    times = {key: [] for key in benches}
-    order = list(benches)
-    rng = random.Random(0)
-    for _ in range(rounds):
-        rng.shuffle(order)
-        for key in order:
-            bench = benches[key]
-            t0 = time.perf_counter()
-            bench.step()
-            bench.sync()
-            times[key].append(time.perf_counter() - t0)
+    times = measure.interleaved_rounds(benches, rounds)
     bandwidth = measure.streaming_bandwidth(device)
     for key, row in rows.items():
         if key in times:
@@ -167,7 +156,7 @@ def _ratio(row, base) -> float | None:
     """Median over rounds of row's time / base's time in the same round."""
     if base is None or "rounds" not in row or "rounds" not in base:
         return None
-    return statistics.median(a / b for a, b in zip(row["rounds"], base["rounds"]))
+    return measure.median_ratio(row["rounds"], base["rounds"])
 
 
 def print_table(lib, workload, shapes, rows, compare):

@@ -11,15 +11,14 @@ in the same rounds. On another machine, rerun it before choosing a value by hand
 from __future__ import annotations
 
 import argparse
-import random
 import statistics
 import sys
-import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import impls  # noqa: E402
+import measure  # noqa: E402
 
 
 def settings(available: int) -> list:
@@ -43,17 +42,9 @@ def main(argv=None) -> int:
         params, grads = impls.data(impls.WORKLOADS[workload])
         for name in ("SAVEUS", "DOPE"):
             benches = {n: impls.refopt_torch(cpu_threads=n)(name, params, grads, "cpu") for n in settings(available)}
-            times = {n: [] for n in benches}
-            for _ in range(args.rounds):
-                order = list(benches)
-                random.shuffle(order)
-                for n in order:
-                    t0 = time.perf_counter()
-                    benches[n].step()
-                    times[n].append(time.perf_counter() - t0)
-            base = times[None]
+            times = measure.interleaved_rounds(benches, args.rounds)
             for n, ts in times.items():
-                ratio = statistics.median(a / b for a, b in zip(ts, base))
+                ratio = measure.median_ratio(ts, times[None])
                 label = "default (None)" if n is None else f"cpu_threads={n}"
                 print(f"{workload:12s} {name:7s} {label:16s} {statistics.median(ts) * 1e3:8.2f} ms  {ratio:5.2f} x default")
     return 0
