@@ -223,17 +223,24 @@ def test_fused_kernel_follows_the_core_with_a_schedule(cls, factory, hp):
         assert_close(got[k], want[k], 1e-10)
 
 
-_WITHOUT_X64 = """
-import sys, numpy as np, jax, jax.numpy as jnp, refopt.optax as ro
-assert not jax.config.read("jax_enable_x64")
-p, gs = np.load(sys.argv[1]), np.load(sys.argv[2])
-for name in ("saveus", "dope"):
+_FUSED_STEPS = """
+import numpy as np, jax.numpy as jnp, refopt.optax as ro
+
+
+def fused_steps(name, p, gs):
     tx = getattr(ro, name)(1e-2, weight_decay=0.1, fused=True)
     params = {"w": jnp.asarray(p)}
     state = tx.init(params)
     for g in gs:
         params, state = tx.update.refopt_step({"w": jnp.asarray(g)}, state, params)
-    np.save(sys.argv[3] + name + ".npy", np.asarray(params["w"]))
+    return np.asarray(params["w"])
+"""
+_WITHOUT_X64 = _FUSED_STEPS + """
+import sys, jax
+assert not jax.config.read("jax_enable_x64")
+p, gs = np.load(sys.argv[1]), np.load(sys.argv[2])
+for name in ("saveus", "dope"):
+    np.save(sys.argv[3] + name + ".npy", fused_steps(name, p, gs))
 """
 
 
@@ -253,13 +260,10 @@ def test_fused_kernel_takes_float64_scalars_without_x64(tmp_path):
     np.save(tmp_path / "g.npy", gs)
     subprocess.run([sys.executable, "-c", _WITHOUT_X64, str(tmp_path / "p.npy"), str(tmp_path / "g.npy"),
                     str(tmp_path / "out_")], check=True, timeout=300)
+    here = {}
+    exec(_FUSED_STEPS, here)  # noqa: S102 - the same steps, in this process (x64 on)
     for name in ("saveus", "dope"):
-        tx = getattr(ro, name)(1e-2, weight_decay=0.1, fused=True)
-        params = {"w": jnp.asarray(p)}
-        state = tx.init(params)
-        for g in gs:
-            params, state = tx.update.refopt_step({"w": jnp.asarray(g)}, state, params)
-        np.testing.assert_array_equal(np.load(tmp_path / f"out_{name}.npy"), np.asarray(params["w"]))
+        np.testing.assert_array_equal(np.load(tmp_path / f"out_{name}.npy"), here["fused_steps"](name, p, gs))
 
 
 @pytest.mark.parametrize("dtype", ["float16", "bfloat16", "float32", "float64"])
