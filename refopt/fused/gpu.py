@@ -22,7 +22,7 @@ from dataclasses import dataclass
 from .build import cache_dir
 from .schedule import walk
 from .symbolic import guards_hold
-from .triton_source import TritonProgram
+from .triton_source import HEAD, TritonProgram
 
 _MODULES: dict = {}
 _LOCK = threading.Lock()
@@ -185,9 +185,9 @@ def compile_ahead(kernel: TritonKernel, dtype: str, r: int, c: int, capability: 
     from triton.compiler import ASTSource
 
     pointer = {"float16": "*fp16", "bfloat16": "*i16", "float32": "*fp32", "float64": "*fp64"}[dtype]
-    signature = {"hparams": "*fp64", "rowvals": "*fp64", "totals": "*fp64", "partials": "*fp64", "rows": "i32",
-                 "cols": "i32", "chunk": "i32", **{f"in_{name}": pointer for name in kernel.inputs},
-                 "R": "constexpr", "C": "constexpr"}
+    # HEAD's float64 pointers, then its ints (rows, cols, chunk), then the tensors
+    signature = {**{name: "*fp64" if k < len(HEAD) - 3 else "i32" for k, name in enumerate(HEAD)},
+                 **{f"in_{name}": pointer for name in kernel.inputs}, "R": "constexpr", "C": "constexpr"}
     out = []
     for fn in kernel._kernels:
         source = ASTSource(fn=fn, signature=signature, constexprs={"R": r, "C": c})
