@@ -32,7 +32,8 @@ _LOCK = threading.Lock()
 
 
 class Kernel:
-    """One compiled step: ``kernel(pointers, rows, cols, values, threads)``."""
+    """One compiled step: ``kernel(pointers, rows, cols, values, threads)`` for one tensor,
+    ``kernel.many(tensors, values)`` for several in one call."""
 
     def __init__(self, traced, program: Program, source: str, lib):
         self.program, self.program_source = program, source
@@ -45,6 +46,11 @@ class Kernel:
         self._fn.restype = ctypes.c_int
         self._fn.argtypes = [ctypes.POINTER(ctypes.c_double), ctypes.c_int64, ctypes.c_int64, ctypes.c_int] + \
             [ctypes.c_void_p] * len(self.inputs)
+        self._many = getattr(lib, f"{program.name}_many")
+        self._many.restype = ctypes.c_int
+        self._many.argtypes = [ctypes.POINTER(ctypes.c_double), ctypes.c_int64, ctypes.POINTER(ctypes.c_int64),
+                               ctypes.POINTER(ctypes.c_int64), ctypes.POINTER(ctypes.c_int32),
+                               ctypes.POINTER(ctypes.c_void_p)]
 
     def valid_for(self, values: dict) -> bool:
         return guards_hold(self.guards, values)
@@ -54,6 +60,23 @@ class Kernel:
         rc = self._fn(args, rows, cols, threads, *[pointers[name] for name in self.inputs])
         if rc != 0:
             raise MemoryError("the fused kernel could not allocate its per-row results")
+
+    def many(self, tensors: list, values: dict) -> None:
+        """Step several tensors with the same run-time values in one call: ``tensors`` holds
+        (rows, cols, threads, pointers), the pointers in ``self.inputs`` order. The per-tensor
+        cost is a C call, not a Python one (a model has hundreds of small tensors)."""
+        count = len(tensors)
+        if not count:
+            return
+        args = (ctypes.c_double * max(len(self.params), 1))(*[float(values[p]) for p in self.params])
+        rows = (ctypes.c_int64 * count)(*[t[0] for t in tensors])
+        cols = (ctypes.c_int64 * count)(*[t[1] for t in tensors])
+        threads = (ctypes.c_int32 * count)(*[t[2] for t in tensors])
+        table = (ctypes.c_void_p * (count * len(self.inputs)))(*[ptr for t in tensors for ptr in t[3]])
+        failed = self._many(args, count, rows, cols, threads, table)
+        if failed:
+            raise MemoryError(f"the fused kernel could not allocate its per-row results (tensor {failed - 1} "
+                              f"of {count}; the ones after it were not stepped)")
 
 
 def values_of(optimizer, step: int, rows: int, cols: int) -> dict:

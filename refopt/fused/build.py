@@ -5,7 +5,10 @@ directory (``$REFOPT_KERNEL_CACHE``, else ``~/.cache/refopt/kernels``), so later
 in milliseconds. Flags: ``-O3 -march=native`` (the library is built on the machine that runs it),
 ``-ffp-contract=off`` (no fused multiply-add: every operation rounds as the core's), no
 ``-ffast-math`` (IEEE semantics: NaN, infinities, subnormals), ``-fno-math-errno`` (sqrt may be
-vectorized; it still rounds correctly), ``-fopenmp`` (rows in parallel).
+vectorized; it still rounds correctly), ``-fopenmp`` (rows in parallel), and
+``-fno-tree-slp-vectorize``: GCC 12's straight-line vectorizer drops the rounding of a double to
+float that is widened again (``1.0 / (double)(float)s`` became ``1.0 / s`` in the scalars before a
+sweep; the loops are vectorized by the loop vectorizer, which this leaves on).
 """
 from __future__ import annotations
 
@@ -20,7 +23,8 @@ import subprocess
 import tempfile
 import threading
 
-FLAGS = ("-O3", "-march=native", "-ffp-contract=off", "-fno-math-errno", "-fopenmp", "-fPIC", "-shared")
+FLAGS = ("-O3", "-march=native", "-ffp-contract=off", "-fno-math-errno", "-fno-tree-slp-vectorize", "-fopenmp",
+         "-fPIC", "-shared")
 _LOCK = threading.Lock()
 _LOADED: dict[str, ctypes.CDLL] = {}
 

@@ -13,13 +13,26 @@ The library is compiled with ``-ffp-contract=off`` (no fused multiply-add) and w
 ``-ffast-math``: every operation rounds as IEEE 754 says, so per element the kernel computes
 exactly what the core computes. Reductions accumulate in double and may sum in any order
 (spec/numerics.md, freedom 1); D3's sum still overflows to infinity where W's would.
+
+Division by a step scalar. A float32 ``sqrt(x) / c`` with ``c`` the same for the whole tensor
+(D7's ``sqrt(fim) / sqrt(b2)``, S's ``sqrt(v) / sqrt(bc2)``) is computed as
+``(float)((double)sqrt(x) * (1.0 / (double)c))``: a multiply instead of a division, which bounds
+these loops on the CPU. It is the correctly rounded float32 quotient, bit for bit, whenever that
+quotient is not subnormal: the double result is within 2**-52 (relative) of x/c, and a quotient
+of two float32s is never a float32 rounding midpoint nor within 2**-49 (relative) of one (a
+midpoint has 25 significant bits, so ``x = midpoint * c`` would need more than 24), so both
+round to the same float32; zeros, infinities and NaN come out as IEEE division gives them. A
+positive float32 square root is at least 2**-74.5, so the quotient is subnormal only if |c| >
+2**51: each such loop is emitted twice and the one with divisions runs when a divisor is that
+large (tests/fused/test_reciprocal.py checks the identity and both loops).
 """
 from __future__ import annotations
 
+import functools
 import math
 
 from .schedule import Schedule, deps
-from .symbolic import FLOATS, Node, TraceError
+from .symbolic import ELEM, FLOATS, SCALAR, Node, TraceError
 
 CTYPE = {"float16": "float", "bfloat16": "float", "float32": "float", "float64": "double", "weak": "double",
          "weak_int": "int64_t", "int32": "int32_t", "int64": "int64_t", "bool": "int"}
@@ -28,8 +41,10 @@ STORAGE = {"float16": "uint16_t", "bfloat16": "uint16_t", "float32": "float", "f
 BINARY = {"add": "+", "sub": "-", "mul": "*", "div": "/", "gt": ">", "ge": ">=", "lt": "<", "le": "<=",
           "eq": "==", "ne": "!="}
 REDUCTIONS = ("row_sum", "row_mean", "global_sum", "global_mean")
-#: Elements per block of a sum: a partial sum in the operand's type, then added in double.
+#: Elements per block of a sum: partial sums in the operand's type, then added in double.
 BLOCK = 512
+#: Partial sums per block (see Program._iterate); a power of two.
+LANES = 16
 
 PRELUDE = r"""
 #include <math.h>
@@ -55,6 +70,8 @@ static inline float minf_nan(float a, float b) { return (a != a || a < b) ? a : 
 static inline float maxf_nan(float a, float b) { return (a != a || a > b) ? a : b; }
 static inline double min_nan(double a, double b) { return (a != a || a < b) ? a : b; }
 static inline double max_nan(double a, double b) { return (a != a || a > b) ? a : b; }
+/* 1 / c in double for a float c; not inlined, so that no compiler can skip c's rounding to float */
+__attribute__((noinline)) static double reciprocal_of(float c) { return 1.0 / (double)c; }
 """
 
 
@@ -71,6 +88,8 @@ class Program:
         self.n_buffers = self.schedule.n_buffers
         self.row_slots, self.n_slots = self.schedule.row_slots, self.schedule.n_slots
         self._names = {}
+        self._reciprocal = {}      # id(divisor) -> (reciprocal, guard) variable names, once declared
+        self._fast_division = False  # while emitting a loop's fast copy
 
     # ---- naming -----------------------------------------------------------------------------
     def var(self, n: Node) -> str:
@@ -88,6 +107,8 @@ class Program:
             return _literal(n.args[0], n.dtype)
         if n.op == "cast":
             return self.cast(a[0], n.args[0].dtype, n.dtype)
+        if n.op == "div" and self._fast_division and _by_step_scalar(n):
+            return f"((float)((double){a[0]} * {self._reciprocal[id(n.args[1])][0]}))"
         if n.op in BINARY:
             return f"({a[0]} {BINARY[n.op]} {a[1]})"
         if n.op in ("min", "max"):
@@ -139,10 +160,37 @@ class Program:
         for sweep in self.schedule.sweeps:
             lines += self._sweep(sweep)
         lines += ["    free(rowvals);", "    return 0;", "}"]
+        lines += self._many()
         return "\n".join(lines) + "\n"
+
+    def _many(self) -> list:
+        """``NAME_many``: the step of ``count`` tensors in one call (one ctypes call per step for
+        all tensors of a kernel, not one per tensor). ``table`` holds each tensor's pointers in
+        ``inputs`` order; returns 0, or 1 + the index of the tensor whose step failed (the ones
+        after it are not stepped)."""
+        storage = STORAGE[self.traced.store_dtype]
+        width = len(self.inputs)
+        pointers = "".join(f", ({storage}*)at[{i}]" for i in range(width))
+        return [f"int {self.name}_many(const double* restrict params, int64_t count, const int64_t* restrict rows, "
+                "const int64_t* restrict cols, const int32_t* restrict threads, void* const* restrict table) {",
+                "    for (int64_t i = 0; i < count; i++) {",
+                f"        void* const* at = table + i * {width};",
+                f"        if ({self.name}(params, rows[i], cols[i], threads[i]{pointers})) return (int)(i + 1);",
+                "    }",
+                "    return 0;",
+                "}"]
 
     def _sweep(self, sweep) -> list:
         out = [f"    const {CTYPE[n.dtype]} {self.var(n)} = {self.expr(n)};" for n in sweep.scalars]
+        for loop in sweep.loops:  # the reciprocals of step-scalar divisors (see the module docstring)
+            for n in loop.compute:
+                divisor = n.args[1] if n.op == "div" and _by_step_scalar(n) else None
+                if divisor is not None and id(divisor) not in self._reciprocal:
+                    name = f"rdiv{len(self._reciprocal)}"
+                    self._reciprocal[id(divisor)] = (name, f"{name}_exact")
+                    value = self.ref(divisor)
+                    out.append(f"    const double {name} = reciprocal_of({value});")
+                    out.append(f"    const int {name}_exact = !(fabs((double){value}) > 0x1p51);")
         globals_, outs, passes, loops = sweep.globals, sweep.outs, sweep.passes, sweep.loops
         accs = [f"acc{sweep.index}_{i}" for i in range(len(globals_))]
         written = ", ".join(name for name, _ in outs) or "nothing"
@@ -198,8 +246,9 @@ class Program:
     def _loop(self, i, loop, accs) -> list:
         """One loop over the row. Sums are kept per block of BLOCK elements in the operand's own
         type (vectorized), and the block sums added in double (int64 for counts): at most BLOCK
-        terms meet in one rounding chain, so the error stays small however long the row is."""
-        out, body = [], []
+        terms meet in one rounding chain, so the error stays small however long the row is. A
+        loop that divides by step scalars is emitted twice (see the module docstring)."""
+        out = []
         sums = []  # (outer variable, outer type, inner type, operand)
         for n, operand in loop.reductions:
             slot = self.row_slots[id(n)]
@@ -208,6 +257,25 @@ class Program:
             sums.append((f"l{accs[id(n)]}", _acc_type(n), _block_type(operand), operand))
         for var, outer, _, _ in sums:
             out.append(f"            {outer} {var} = 0;")
+        guards = sorted({self._reciprocal[id(n.args[1])][1] for n in loop.compute
+                         if n.op == "div" and _by_step_scalar(n)})
+        if guards:
+            self._fast_division = True
+            fast = self._iterate(functools.partial(self._body, loop, sums), sums)
+            self._fast_division = False
+            out.append(f"            if ({' && '.join(guards)}) {{")
+            out += ["    " + ln for ln in fast]
+            out.append("            } else {")
+            out += ["    " + ln for ln in self._iterate(functools.partial(self._body, loop, sums), sums)]
+            out.append("            }")
+        else:
+            out += self._iterate(functools.partial(self._body, loop, sums), sums)
+        out += [f"            {accs[id(n)]} += l{accs[id(n)]};" for n, _ in loop.globals]
+        return out
+
+    def _body(self, loop, sums, lane) -> list:
+        """The statements for element ``j`` of a loop, adding to partial sums ``[lane]``."""
+        body = []
         for n, (kind, where) in loop.reuse:
             if kind == "buffer":
                 body.append(f"                const {CTYPE[n.dtype]} {self.var(n)} = buf{where}[j];")
@@ -220,31 +288,57 @@ class Program:
             if id(n) in keep:
                 body.append(f"                buf{keep[id(n)]}[j] = {self.var(n)};")
         for var, _, inner, operand in sums:
-            body.append(f"                b{var} += ({inner}){self.ref(operand)};")
+            body.append(f"                b{var}[{lane}] += ({inner}){self.ref(operand)};")
         for name, value in loop.stores:
             v = self.ref(value)
             store = {"bfloat16": f"bf16_bits({v})", "float16": f"f16_bits({v})"}.get(
                 self.traced.store_dtype, f"({STORAGE[self.traced.store_dtype]}){v}")
             body.append(f"                row_{name}[j] = {store};")
+        return body
+
+    @staticmethod
+    def _iterate(body, sums) -> list:
+        """The loop over the row around ``body(lane)`` (its statements for element j, summing into
+        partial sum ``lane``). A loop that sums goes by blocks of BLOCK
+        elements, each summed in LANES partial sums (element j into lane j mod LANES, in order,
+        then the lanes added pairwise): the order is written out, so the result does not depend
+        on how the compiler vectorizes (the same on every CPU, and in both copies of a loop)."""
+        out = []
         if not sums:
             out.append("            #pragma omp simd")
             out.append("            for (int64_t j = 0; j < p_cols; j++) {")
-            out += body
+            out += body(None)
             out.append("            }")
             return out
         out.append(f"            for (int64_t j0 = 0; j0 < p_cols; j0 += {BLOCK}) {{")
         out.append(f"                const int64_t j1 = j0 + {BLOCK} < p_cols ? j0 + {BLOCK} : p_cols;")
         for var, _, inner, _ in sums:
-            out.append(f"                {inner} b{var} = 0;")
-        out.append(f"                #pragma omp simd reduction(+:{', '.join('b' + v for v, _, _, _ in sums)})")
-        out.append("                for (int64_t j = j0; j < j1; j++) {")
-        out += ["    " + ln for ln in body]
+            out.append(f"                {inner} b{var}[{LANES}] = {{0}};")
+        out.append("                int64_t jl = j0;")
+        out.append(f"                for (; jl + {LANES} <= j1; jl += {LANES}) {{")
+        out.append("                    #pragma omp simd")
+        out.append(f"                    for (int64_t l = 0; l < {LANES}; l++) {{")
+        out.append("                        const int64_t j = jl + l;")
+        out += ["        " + ln for ln in body("l")]
+        out.append("                    }")
+        out.append("                }")
+        out.append("                for (int64_t j = jl; j < j1; j++) {")
+        out += ["    " + ln for ln in body("j - jl")]
         out.append("                }")
         for var, outer, _, _ in sums:
-            out.append(f"                {var} += ({outer})b{var};")
+            out.append(f"                for (int w = {LANES // 2}; w >= 1; w /= 2) "
+                       f"for (int l = 0; l < w; l++) b{var}[l] += b{var}[l + w];")
+            out.append(f"                {var} += ({outer})b{var}[0];")
         out.append("            }")
-        out += [f"            {accs[id(n)]} += l{accs[id(n)]};" for n, _ in loop.globals]
         return out
+
+
+def _by_step_scalar(n: Node) -> bool:
+    """A float32 ``sqrt(x) / c``, ``c`` a step scalar: computed with c's reciprocal (see the
+    module docstring)."""
+    x, c = n.args
+    return (isinstance(x, Node) and isinstance(c, Node) and n.scope == ELEM and c.scope == SCALAR
+            and x.op == "sqrt" and n.dtype == x.dtype == c.dtype == "float32")
 
 
 def _block_type(operand: Node) -> str:

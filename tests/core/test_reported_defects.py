@@ -97,13 +97,14 @@ def test_optax_inject_hyperparams_works():
     expected, _ = ref.step(np.asarray(p), np.asarray(g), ref.init(np.asarray(p)))
     eager = optax.inject_hyperparams(refopt.optax.dope)(learning_rate=1e-3)
     updates, _ = eager.update(g, eager.init(p), p)
-    np.testing.assert_array_equal(np.asarray(p + updates), expected)
+    # the fused kernel sums in another order than NumPy (freedom 1): equal to the last bit or two
+    np.testing.assert_allclose(np.asarray(p + updates), expected, rtol=1e-15, atol=0)
     # inside jax.jit the learning rate is injected (traced); the others stay static
     tx = optax.inject_hyperparams(refopt.optax.dope, static_args=refopt.optax.STATIC_ARGS["dope"])(learning_rate=1e-3)
     state = tx.init(p)
     update = jax.jit(tx.update)
     updates, state = update(g, state, p)
-    np.testing.assert_array_equal(np.asarray(p + updates), expected)
+    np.testing.assert_allclose(np.asarray(p + updates), expected, rtol=1e-15, atol=0)
     state.hyperparams["learning_rate"] = jnp.asarray(0.0)
     updates, _ = update(g, state, p)
     assert not np.any(np.asarray(updates))
