@@ -25,6 +25,7 @@ MIN_THREADED = 1 << 15
 #: Rows longer than this (elements) with row buffers go to the eager path: the per-thread
 #: buffers hold a row each and must stay far below the parameter's size.
 MAX_BUFFERED_ROW = 1 << 20
+PLAIN = (torch.Tensor, torch.nn.Parameter)  # not subclasses (a DTensor, a tensor subclass of the user's)
 _UNAVAILABLE: list = []  # the reason, once the compiler was found missing
 
 
@@ -50,11 +51,13 @@ def as_rows(p) -> tuple:
 
 def takes(p, grad, state, buffers) -> bool:
     """Whether parameter ``p`` can be stepped by a kernel (decided from metadata only)."""
-    if type(p) not in (torch.Tensor, torch.nn.Parameter) or p.dtype not in DTYPES:
+    dtype = p.dtype
+    if dtype not in DTYPES:
         return False
-    tensors = (p, grad, *(state[k] for k in buffers))
-    return all(type(t) in (torch.Tensor, torch.nn.Parameter) and t.is_contiguous() and t.dtype == p.dtype
-               for t in tensors)
+    for t in (p, grad, *[state[k] for k in buffers]):
+        if type(t) not in PLAIN or t.dtype != dtype or not t.is_contiguous():
+            return False
+    return True
 
 
 def unavailable_reason(device) -> str | None:
@@ -85,28 +88,40 @@ def step(core, params, grads, states, buffers, t: int, lr, threads: int, require
         return list(range(len(params)))
     if _triton.takes_device(device):
         return _triton.step(core, params, grads, states, buffers, t, lr, required, takes)
-    rest, step_values = [], {}
+    rest, kernels, batches = [], {}, {}
     for i, (p, grad, st) in enumerate(zip(params, grads, states)):
         if not takes(p, grad, st, buffers):
             rest.append(i)
             continue
         ndim, rows, cols = as_rows(p)
-        try:
-            kernel = fused.kernel_for(core, ndim, DTYPES[p.dtype], rows, cols)
-        except (fused.TraceError, fused.CompilerUnavailable) as exc:
-            if required:
-                raise RuntimeError(f"refopt.torch: fused=True, but this configuration cannot be fused: {exc}") from exc
+        key = (min(ndim, 2), p.dtype, rows, cols)
+        kernel = kernels[key] if key in kernels else kernels.setdefault(key, _kernel(core, ndim, p.dtype, rows, cols,
+                                                                                     required))
+        if kernel is None:
             rest.append(i)
             continue
-        if kernel.row_buffers and cols > MAX_BUFFERED_ROW:
-            rest.append(i)
-            continue
-        values = step_values.get((rows, cols))
-        if values is None:  # the same for every parameter of this shape in this step
-            values = step_values[rows, cols] = dict(fused.values_of(core, t - 1, rows, cols), lr=lr)
-        pointers = {"param": p.data_ptr(), "grad": grad.data_ptr(), **{k: st[k].data_ptr() for k in buffers}}
-        kernel(pointers, rows, cols, values, threads if rows * cols >= MIN_THREADED else 1)
+        arrays = {"param": p, "grad": grad, **{k: st[k] for k in buffers}}
+        pointers = tuple(arrays[name].data_ptr() for name in kernel.inputs)
+        batches.setdefault(kernel, []).append((rows, cols, threads if rows * cols >= MIN_THREADED else 1, pointers))
+    # rows and cols are each tensor's own (the kernel takes them apart from the values)
+    values = dict(fused.values_of(core, t - 1, 0, 0), lr=lr)
+    for kernel, tensors in batches.items():
+        kernel.many(tensors, values)
     return rest
+
+
+def _kernel(core, ndim, dtype, rows, cols, required):
+    """The C kernel for parameters of this shape and dtype, or None when they go to the eager
+    path (RuntimeError instead when ``required``)."""
+    try:
+        kernel = fused.kernel_for(core, ndim, DTYPES[dtype], rows, cols)
+    except (fused.TraceError, fused.CompilerUnavailable) as exc:
+        if required:
+            raise RuntimeError(f"refopt.torch: fused=True, but this configuration cannot be fused: {exc}") from exc
+        return None
+    if kernel.row_buffers and cols > MAX_BUFFERED_ROW:
+        return None
+    return kernel
 
 
 def unavailable_warning():

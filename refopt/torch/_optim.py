@@ -135,6 +135,7 @@ class TorchOptimizer(torch.optim.Optimizer):
         super().__init_subclass__(**kwargs)
         if "Core" in cls.__dict__:
             cls.BUFFERS = cls.Core.facts.buffers
+            cls._STATE_KEYS = frozenset(("step", *cls.BUFFERS))
             cls.__init__ = _make_init(cls)
             cls.__doc__ = _class_doc(cls)
 
@@ -233,8 +234,9 @@ class TorchOptimizer(torch.optim.Optimizer):
         for p in group["params"]:
             if p.grad is None:
                 continue
-            t = self._check(p) + 1
-            buckets.setdefault((p.device, p.dtype, t, _sharded.is_dtensor(p)), []).append(p)
+            sharded = _sharded.is_dtensor(p)
+            t = self._check(p, sharded) + 1
+            buckets.setdefault((p.device, p.dtype, t, sharded), []).append(p)
         foreach = group.get("foreach") is not False
         jobs = []
         for (dev, _, t, sharded), ps in buckets.items():
@@ -244,10 +246,12 @@ class TorchOptimizer(torch.optim.Optimizer):
                 jobs.append((core, foreach, ps, t, self._scalars(core, t, step_lr(group["lr"], dev))))
         return jobs
 
-    def _check(self, p) -> int:
-        """Raises on what the step cannot take; returns the parameter's step count so far."""
+    def _check(self, p, sharded: bool) -> int:
+        """Raises on what the step cannot take; returns the parameter's step count so far.
+        ``sharded``: whether ``p`` is a DTensor. (Per parameter and step: kept cheap.)"""
         grad, name = p.grad, self.Core.facts.name
-        _sharded.check(p, f"refopt.torch.{name}")
+        if sharded or _sharded.is_dtensor(grad):
+            _sharded.check(p, f"refopt.torch.{name}")
         if grad.is_sparse or grad.layout != torch.strided:
             raise RuntimeError(f"refopt.torch.{name} does not support sparse gradients")
         if p.dtype not in FLOATS:
@@ -263,13 +267,13 @@ class TorchOptimizer(torch.optim.Optimizer):
         """Raises unless ``st`` is this optimizer's state for a parameter of ``shape`` (and, given
         ``p``, of its dtype and device); returns its step count."""
         name = self.Core.facts.name
-        if set(st) != {"step", *self.BUFFERS}:
+        if st.keys() != self._STATE_KEYS:
             raise ValueError(f"refopt.torch.{name}: parameter state has keys {sorted(st)}, expected "
                              f"{['step', *self.BUFFERS]} (is it another optimizer's state?)")
         t = step_count(st["step"], f"refopt.torch.{name}")
         for k in self.BUFFERS:
             b = st[k]
-            if not isinstance(b, torch.Tensor) or tuple(b.shape) != tuple(shape):
+            if not isinstance(b, torch.Tensor) or b.shape != shape:
                 what = tuple(b.shape) if isinstance(b, torch.Tensor) else type(b).__name__
                 raise ValueError(f"refopt.torch.{name}: state[{k!r}] is {what} but the parameter has shape {tuple(shape)}")
             if p is not None and (b.dtype != p.dtype or b.device != p.device):
@@ -303,21 +307,21 @@ class TorchOptimizer(torch.optim.Optimizer):
         """One step of ``params`` (one device, dtype and count); ``scalars`` None: DTensors."""
         for p in params:
             self._init_state(p)
+        state_of = {id(p): self.state[p] for p in params}  # one lookup each (hashing a tensor is slow)
         live = [p for p in params if p.numel()]  # A6 (a DTensor's numel is global): only count the step
         if live and scalars is None:  # DTensors: the core on local shards, reductions global
-            _sharded.update(core, live, [self.state[p] for p in live], self.BUFFERS, t,
+            _sharded.update(core, live, [state_of[id(p)] for p in live], self.BUFFERS, t,
                             f"refopt.torch.{self.Core.facts.name}")
             live = []
         if live and self._fused is not False:
-            rest = _fused.step(core, live, [p.grad for p in live], [self.state[p] for p in live], self.BUFFERS,
+            rest = _fused.step(core, live, [p.grad for p in live], [state_of[id(p)] for p in live], self.BUFFERS,
                                t, scalars["lr"], torch.get_num_threads(), bool(self._fused))
             live = [live[i] for i in rest]
         if live:
-            states = [self.state[p] for p in live]
+            states = [state_of[id(p)] for p in live]
             self._update(core, foreach, live, [p.grad for p in live], states, scalars)
         counts = []
-        for p in params:
-            st = self.state[p]
+        for st in state_of.values():
             if is_step_tensor(st["step"]):
                 counts.append(st["step"])
             else:  # a hand-set count (an int, a float tensor): replaced in refopt's form
