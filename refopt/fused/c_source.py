@@ -78,8 +78,10 @@ __attribute__((noinline)) static double reciprocal_of(float c) { return 1.0 / (d
 class Program:
     """The C source of one traced step (its schedule: ``self.schedule``)."""
 
-    def __init__(self, traced, name: str = "refopt_step"):
-        self.traced, self.name = traced, name
+    def __init__(self, traced, name: str = "refopt_step", *, stamps: bool = False):
+        """``stamps``: record ``omp_get_wtime()`` before the first sweep and after each one in the
+        global array ``NAME_stamps`` (benchmarks/sweeps.py times the sweeps with it)."""
+        self.traced, self.name, self.stamps = traced, name, stamps
         self.schedule = Schedule(traced, row_buffers=True, ctype=CTYPE.get)
         self.inputs = self.schedule.inputs             # pointer arguments, in order
         self.params = self.schedule.params             # double/int64 arguments, in order
@@ -157,11 +159,32 @@ class Program:
         lines.append(f"    double* restrict rowvals = (double*)calloc((size_t)(p_rows > 0 ? p_rows : 1) * "
                      f"{self.n_slots}, sizeof(double));")
         lines.append("    if (!rowvals) return 1;")
+        if self.stamps:
+            lines[0:0] = ["#include <omp.h>", f"double {self.name}_stamps[{self.n_sweeps + 1}];"]
+            lines.append(f"    {self.name}_stamps[0] = omp_get_wtime();")
         for sweep in self.schedule.sweeps:
             lines += self._sweep(sweep)
+            if self.stamps:
+                lines.append(f"    {self.name}_stamps[{sweep.index + 1}] = omp_get_wtime();")
         lines += ["    free(rowvals);", "    return 0;", "}"]
         lines += self._many()
         return "\n".join(lines) + "\n"
+
+    def sweep_costs(self) -> list:
+        """Per sweep, what it costs per element: the arrays it reads and writes (each a pass over
+        memory) and its operations on the divide/square-root unit (divisions and square roots of
+        elements; a division by a step scalar is a multiply here, see the module docstring)."""
+        costs = []
+        for sweep in self.schedule.sweeps:
+            reads, writes, divider = set(), set(), 0
+            for loop in sweep.loops:
+                reads |= {n.args[0] for n in loop.compute if n.op == "load"}
+                reads |= {where for _, (kind, where) in loop.reuse if kind == "array"}
+                writes |= {name for name, _ in loop.stores}
+                divider += sum(1 for n in loop.compute if n.op == "sqrt" or (n.op == "div" and not _by_step_scalar(n)))
+            costs.append({"sweep": sweep.index + 1, "reads": sorted(reads), "writes": sorted(writes),
+                          "divider": divider, "row_loops": len(sweep.loops)})
+        return costs
 
     def _many(self) -> list:
         """``NAME_many``: the step of ``count`` tensors in one call (one ctypes call per step for
