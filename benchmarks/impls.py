@@ -179,6 +179,25 @@ def optax_adamw(name, params, grads, device):
     return _optax_loop(optax.adamw(1e-3), params, grads, limit=len(params))  # a small step: compiles fast
 
 
+def jax_grad_copy(name, params, grads, device):
+    """What XLA adds to a jitted step that is passed gradients it may not overwrite, where the
+    step writes over them (refopt.optax's kernel writes the updates there): a copy of each into a
+    freshly allocated buffer. Timed beside the optimizers, it is that cost in the same rounds."""
+    jax = _jax()
+    import jax.numpy as jnp
+
+    if len(grads) > JAX_MAX_TENSORS:
+        raise RuntimeError(f"{len(grads)} tensors > {JAX_MAX_TENSORS}: compile time (one copy per tensor)")
+    gs = [jnp.asarray(g) for g in grads]
+    fn = jax.jit(lambda gs: [jnp.copy(g) for g in gs])
+    box = {"out": fn(gs)}
+
+    def step():
+        box["out"] = fn(gs)
+
+    return Bench(step, lambda: jax.block_until_ready(box["out"]))
+
+
 def optax_port(factory):
     """An optax factory of the user's (``--compare optax:MODULE:FACTORY``), called with no arguments
     or with optax's learning_rate=1e-3."""
@@ -208,6 +227,7 @@ IMPLS = {
         ("optax adamw jit", optax_adamw, ("AdamW",)),
         ("refopt.optax jit", refopt_optax, OPTS),
         ("core jax jit", core_jax_jit, OPTS),
+        ("jax grads copy (fresh buffers)", jax_grad_copy, ("copy",)),
     ],
     "numpy": [("core numpy", core_numpy, OPTS)],
     "cupy": [("core cupy", core_cupy, OPTS)],
@@ -229,7 +249,7 @@ WORKLOADS = {
     "tiny": [((i % 7) + 1, (i % 5) + 2) if i % 3 else ((i % 11) + 1,) for i in range(1000)],
 }
 #: Tensor-sized passes a step must make at least: (reads + writes) of p, grad and state.
-PASSES = {"DOPE": 11, "SAVEUS": 7, "AdamW": 7}
+PASSES = {"DOPE": 11, "SAVEUS": 7, "AdamW": 7, "copy": 2}
 
 
 def data(shapes, seed=0):

@@ -48,13 +48,15 @@ def target_for(optimizer, ndim: int, dtype: str, rows: int, cols: int, updates: 
     return name, kernel
 
 
-def step(optimizer, param, grad, state, runtime: dict | None = None, updates: bool = False):
+def step(optimizer, param, grad, state, runtime: dict | None = None, updates: bool = False,
+         threads: int | None = None):
     """``optimizer.step`` on one leaf through the fused kernel (inside ``jax.jit``). ``runtime``:
     hyperparameter values for this step that may be traced (a scheduled learning rate), which
     take the place of the optimizer's own. ``updates``: return optax's ``new - param`` instead of
     the new parameter, written over the gradient's buffer; the parameter is only read, so XLA
     keeps no copy of it for the subtraction and ``optax.apply_updates`` is the only pass left.
-    (Where the gradient is an input of the jitted function that is not donated, XLA copies it.)"""
+    (Where the gradient is an input of the jitted function that is not donated, XLA copies it.)
+    ``threads``: the kernel's threads (None: every CPU this process may use)."""
     import jax
     import jax.numpy as jnp
     import numpy as np
@@ -67,7 +69,7 @@ def step(optimizer, param, grad, state, runtime: dict | None = None, updates: bo
     runtime = runtime or {}
     traced = {p: runtime[p] for p in kernel.params if p in runtime and not isinstance(runtime[p], (float, int))}
     # Python numbers travel as float64 bit patterns: exact, with or without jax_enable_x64.
-    values = np.array([float(static[p]) for p in kernel.params] + [float(_threads())], np.float64)
+    values = np.array([float(static[p]) for p in kernel.params] + [float(threads or _threads())], np.float64)
     value_dtype = jnp.float64 if jax.config.read("jax_enable_x64") else jnp.float32
     dynamic = jnp.stack([jnp.asarray(v, value_dtype) for v in traced.values()]) if traced else jnp.zeros((0,), value_dtype)
     slots = np.array([kernel.params.index(p) for p in traced], np.int32)

@@ -171,11 +171,17 @@ def transform(cls: type[Optimizer], learning_rate: ScalarOrSchedule | None = Non
         leaves = [jnp.asarray(p) for p in leaves]  # NumPy leaves are accepted, as optax does
         g_leaves = [jnp.asarray(g) for g in g_leaves]
         outs, new_bufs = [], [[] for _ in bufs]
-        for i, (p, g) in enumerate(zip(leaves, g_leaves)):
-            leaf_step = _leaf_step(opt, p, fused)
+        steps = [_leaf_step(opt, p, fused) for p in leaves]
+        # XLA runs the kernels of independent leaves concurrently on its own threads: a kernel
+        # then takes one thread, and all of them only when it is the step's only one
+        kernels = [getattr(leaf_step, "func", None) is _fused_step for leaf_step in steps]
+        threads = None if sum(kernels) == 1 else 1
+        for i, (p, g, leaf_step) in enumerate(zip(leaves, g_leaves, steps)):
             leaf_state = opt.State(state.step, *(b[i] for b in bufs))
-            if as_updates and getattr(leaf_step, "func", None) is _fused_step:
-                out, s = leaf_step(step_opt, p, g, leaf_state, updates=True)
+            if kernels[i]:
+                out, s = leaf_step(step_opt, p, g, leaf_state, updates=as_updates, threads=threads)
+                if not as_updates:
+                    out = out.astype(p.dtype)
             else:
                 n, s = leaf_step(step_opt, p, g, leaf_state)
                 out = n.astype(p.dtype)  # a no-op unless _weak had to fall back
@@ -343,13 +349,14 @@ def _fused_leaf(opt, p) -> bool:
     return True
 
 
-def _fused_step(static_opt, opt, p, g, state, updates=False):
+def _fused_step(static_opt, opt, p, g, state, updates=False, threads=None):
     """``opt`` (whose lr may be a traced schedule value) through the kernel of ``static_opt``;
-    ``updates``: return ``new - p`` (the parameter is only read)."""
+    ``updates``: return ``new - p`` (the parameter is only read); ``threads``: the kernel's
+    (None: every CPU this process may use)."""
     from ..fused import jax_ffi
 
     _validate.step_inputs(opt.facts.name, opt.State, p, g, state)
-    return jax_ffi.step(static_opt, p, g, state, runtime=opt.hparams, updates=updates)
+    return jax_ffi.step(static_opt, p, g, state, runtime=opt.hparams, updates=updates, threads=threads)
 
 
 __all__ = ["saveus", "dope", "transform", "step", "SAVEUSState", "DOPEState", "STATIC_ARGS"]

@@ -291,3 +291,26 @@ def test_fused_updates_are_the_new_parameter_minus_the_old(factory, dtype):
         np.testing.assert_array_equal(np.asarray(updates[k], np.float64), np.asarray(new[k] - params[k], np.float64))
     for a, b in zip(jax.tree.leaves(s1), jax.tree.leaves(s2)):
         np.testing.assert_array_equal(np.asarray(a, np.float64), np.asarray(b, np.float64))
+
+
+def test_fused_kernels_share_the_cpus_with_xla(monkeypatch):
+    """XLA runs the kernels of independent leaves concurrently on its own threads: each kernel of
+    a many-leaf tree gets one thread; a tree with one leaf gives its kernel all of them."""
+    from refopt import fused as fused_kernels
+    from refopt.fused import jax_ffi
+
+    if not (fused_kernels.available() and jax_ffi.usable()):
+        pytest.skip("no fused kernel here")
+    seen = []
+    real = jax_ffi.step
+
+    def spy(*args, threads=None, **kwargs):
+        seen.append(threads)
+        return real(*args, threads=threads, **kwargs)
+
+    monkeypatch.setattr(jax_ffi, "step", spy)
+    for tree, expected in (({"w": jnp.ones((8, 16)), "b": jnp.ones((16,))}, [1, 1]), ({"w": jnp.ones((8, 16))}, [None])):
+        seen.clear()
+        tx = ro.saveus()
+        tx.update(tree, tx.init(tree), tree)
+        assert seen == expected
