@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # One command for a GPU machine (no network): the conformance suite on the GPU backends and on
 # refopt.torch's Triton kernels, the GPU tests, and step times against AdamW(fused=True), within a
-# 15-minute device budget (stage limits add up to 13 minutes at worst; a normal run takes
+# 15-minute device budget (stage limits add up to 14 minutes at worst; a normal run takes
 # about 6). Log: $OUT/gpu_check.log ($OUT defaults to ./gpu_check_out). Exit 0 all passed; 1 a stage
 # failed; 2 a Python dependency is missing; 3 no GPU. GPU_CHECK_DRY_RUN=1 runs every stage on CPU
 # stand-ins (a self-check of this script); GPU_CHECK_ONLY=REGEX runs only the stages whose names
@@ -134,6 +134,9 @@ run "refopt.torch on $DEVICE through the Triton kernels (refopt check)" 120 "$PY
 run "refopt.torch against AdamW(fused=True), full size" 120 "$PY" benchmarks/run.py --device "$DEVICE" \
   --libraries torch --workloads "$( [ "$DEVICE" = cuda ] && echo big,transformer || echo tiny )" --rounds 5 \
   --no-check --timeout 100
+# Where that time goes: host (Python, launches) against device (kernels) for one 4096x4096 step.
+run "refopt.torch on $DEVICE: host and device time of one step" 60 "$PY" backends/triton_profile.py \
+  --device "$DEVICE" $( [ "$DEVICE" = cuda ] || echo --steps 3 )
 # The Triton tests compile a few dozen kernel sets of their own: in parallel where pytest-xdist is.
 XDIST=()
 "$PY" -c "import xdist" 2>/dev/null && XDIST=(-n 8)

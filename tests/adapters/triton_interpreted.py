@@ -179,3 +179,23 @@ def test_torch_triton_path_passes_a_sample_of_the_vectors(ports, cls, dtype, cap
 @pytest.mark.parametrize("cls", ["DOPETriton", "SAVEUSTriton"])
 def test_torch_triton_path_passes_every_vector(ports, cls, capsys):
     _check(ports[0], cls, capsys)
+
+
+def test_the_gpu_profile_script_runs(capsys):
+    """backends/triton_profile.py, as gpu_check.sh's dry run runs it: a line per optimizer."""
+    import sys
+
+    root = pathlib.Path(__file__).resolve().parents[2]
+    sys.path.insert(0, str(root))
+    try:
+        from backends import triton_profile
+    finally:
+        sys.path.remove(str(root))
+    was = _triton.ON_CPU
+    try:
+        assert triton_profile.main(["--device", "cpu", "--rows", "4", "--cols", "16", "--steps", "1"]) == 0
+    finally:
+        _triton.ON_CPU = was
+    lines = capsys.readouterr().out.splitlines()
+    assert [line.split()[0] for line in lines[1:]] == ["DOPE", "SAVEUS", "AdamW"]
+    assert all("host until step() returns" in line for line in lines[1:])
