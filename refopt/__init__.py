@@ -11,7 +11,7 @@ from .quirks import Quirks
 from .registry import PROFILES
 from .saveus import SAVEUS
 
-__version__ = "2.0.0"
+__version__ = "2.1.0"
 #: Version of the normative text in spec/ that this code implements.
 SPEC_VERSION = "2.0.0"
 
