@@ -7,8 +7,9 @@ kernels) and imported from there (Triton reads a kernel's source from its file);
 each kernel on first launch for a tile shape and keeps it in its own cache (``~/.triton``).
 A ``TritonKernel`` launches the sweeps in order on the tensors' stream; between two launches the
 programs' partial sums are added on the device (``torch.sum``, float64), so nothing waits for
-the GPU. Temporaries: the rows x slots table of row results and a few per-program sums, small
-beside the parameter unless its rows are very short.
+the GPU. Buffers: the rows x slots table of row results and a few per-program sums, small
+beside the parameter unless its rows are very short, allocated once per shape and stream and
+kept (see ``TritonKernel._plans``).
 """
 from __future__ import annotations
 
@@ -94,6 +95,8 @@ class Tiling:
     num_warps: int = 4
 
 
+#: Launch plans a kernel keeps (TritonKernel._plans): shapes x streams x threads.
+MAX_PLANS = 256
 #: On the GPU: 8 elements a thread. Under the interpreter every program is a Python loop step:
 #: large tiles, few programs.
 GPU = Tiling()
@@ -131,6 +134,12 @@ class TritonKernel:
         self.sweeps = program.n_sweeps
         self._kernels = [getattr(module, s["kernel"]) for s in program.sweeps]
         self._compiled: set = set()
+        #: (rows, cols, device, tiling, stream, thread) -> the launches of a step of that shape and
+        #: the small device buffers they share (row results, sums): built once, reused by every
+        #: tensor of that shape and every step. One thread's launches on one stream run in order,
+        #: so a tensor's sweeps are done with the buffers before the next tensor's first sweep
+        #: writes them.
+        self._plans: dict = {}
 
     def __call__(self, tensors: dict, rows: int, cols: int, params, tiling: Tiling | None = None) -> None:
         """Launch the sweeps in order (asynchronously, on the current stream)."""
@@ -148,22 +157,40 @@ class TritonKernel:
         import torch
 
         tiling = tiling or (INTERPRETER if params.device.type == "cpu" else GPU)
-        device, program = params.device, self.program
         arrays = [tensors[name] for name in self.inputs]
+        if warmup:
+            for kernel, grid, chunk, options, partials, _, _, rowvals, totals in self._sweeps(rows, cols, params.device,
+                                                                                             tiling):
+                kernel.warmup(params, rowvals, totals, partials, rows, cols, chunk, *arrays, grid=grid, **options)
+            return
+        stream = torch.cuda.current_stream(params.device).cuda_stream if params.device.type == "cuda" else None
+        key = (rows, cols, params.device, tiling, stream, threading.get_ident())
+        plan = self._plans.get(key)
+        if plan is None:
+            if len(self._plans) >= MAX_PLANS:  # threads or streams that come and go: start afresh
+                self._plans.clear()
+            plan = self._plans[key] = self._sweeps(rows, cols, params.device, tiling)
+        for kernel, grid, chunk, options, partials, first, n, rowvals, totals in plan:
+            kernel[grid](params, rowvals, totals, partials, rows, cols, chunk, *arrays, **options)
+            if n:
+                torch.sum(partials, dim=1, out=totals[first:first + n])
+
+    def _sweeps(self, rows, cols, device, tiling) -> list:
+        """Per sweep: (kernel, grid, chunk, launch options, partial sums, first total, number of
+        totals, row results, totals), the buffers allocated here on ``device``."""
+        import torch
+
+        program = self.program
         rowvals = torch.empty(rows * program.n_slots if program.row_slots else 1, dtype=torch.float64, device=device)
         totals = torch.empty(max(program.n_totals, 1), dtype=torch.float64, device=device)
+        out = []
         for sweep, kernel in zip(program.sweeps, self._kernels):
             grid, chunk, r, c = launch_shape(rows, cols, sweep["splits"], tiling)
             first, n = (sweep["totals"][0], len(sweep["totals"])) if sweep["totals"] else (0, 0)
             partials = torch.empty((n, grid[0] * grid[1]), dtype=torch.float64, device=device) if n else totals
-            args = (params, rowvals, totals, partials, rows, cols, chunk, *arrays)
             options = dict(R=r, C=c, num_warps=tiling.num_warps, enable_fp_fusion=False)
-            if warmup:
-                kernel.warmup(*args, grid=grid, **options)
-                continue
-            kernel[grid](*args, **options)
-            if n:
-                torch.sum(partials, dim=1, out=totals[first:first + n])
+            out.append((kernel, grid, chunk, options, partials, first, n, rowvals, totals))
+        return out
 
     def valid_for(self, values: dict) -> bool:
         return guards_hold(self.guards, values)

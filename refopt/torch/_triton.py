@@ -45,7 +45,7 @@ def step(core, params, grads, states, buffers, t: int, lr, required: bool, takes
 
     from ._fused import DTYPES, as_rows
 
-    rest, vectors = [], {}
+    rest, vectors, kernels = [], {}, {}
     for i, (p, grad, st) in enumerate(zip(params, grads, states)):
         if not takes(p, grad, st, buffers):
             rest.append(i)
@@ -54,7 +54,11 @@ def step(core, params, grads, states, buffers, t: int, lr, required: bool, takes
         tensors = {"param": _flat(p), "grad": _flat(grad), **{k: _flat(st[k]) for k in buffers}}
         kernel = None
         try:
-            kernel = fused.kernel_for(core, ndim, DTYPES[p.dtype], rows, cols, target="triton")
+            shape_key = (min(ndim, 2), p.dtype, rows, cols)
+            kernel = kernels.get(shape_key)
+            if kernel is None:
+                kernel = kernels[shape_key] = fused.kernel_for(core, ndim, DTYPES[p.dtype], rows, cols,
+                                                               target="triton")
             if isinstance(lr, torch.Tensor) and "lr" in kernel.guarded_params:
                 raise fused.TraceError("a switch depends on the learning rate, which is a tensor on the device")
             if id(kernel) in _FAILED:
@@ -83,8 +87,9 @@ def step(core, params, grads, states, buffers, t: int, lr, required: bool, takes
 
 
 def _flat(x):
-    """A flat view of a contiguous tensor; bfloat16 as int16 (the kernels round on the bits)."""
-    x = x.detach().view(-1)
+    """The tensor as the kernels take it: contiguous, any shape (they index it flat); bfloat16
+    viewed as int16 (the kernels round on the bits)."""
+    x = x.detach()
     return x.view(torch.int16) if x.dtype == torch.bfloat16 else x
 
 

@@ -199,3 +199,27 @@ def test_the_gpu_profile_script_runs(capsys):
     lines = capsys.readouterr().out.splitlines()
     assert [line.split()[0] for line in lines[1:]] == ["DOPE", "SAVEUS", "AdamW"]
     assert all("host until step() returns" in line for line in lines[1:])
+
+
+def test_launch_buffers_are_kept_per_shape(monkeypatch):
+    """A step allocates nothing once a shape has been seen: the row results and sums of a shape's
+    launches are built once and shared by its tensors, step after step."""
+    import refopt.torch
+
+    monkeypatch.setattr(_triton, "ON_CPU", True)
+    params = [torch.nn.Parameter(torch.randn(3, 5)) for _ in range(3)] + [torch.nn.Parameter(torch.randn(4))]
+    opt = refopt.torch.DOPE(params, fused=True)
+    kernels = set()
+    real = gpu.TritonKernel.__call__
+    monkeypatch.setattr(gpu.TritonKernel, "__call__", lambda self, *a, **k: kernels.add(self) or real(self, *a, **k))
+    for p in params:
+        p.grad = torch.randn_like(p)
+    opt.step()
+    def buffers(kernel):  # per plan, each sweep's (partial sums, row results, totals)
+        return {key: [tuple(id(t) for t in sweep[4:5] + sweep[7:]) for sweep in plan] for key, plan in kernel._plans.items()}
+
+    first = {id(k): buffers(k) for k in kernels}
+    shapes = sorted(key[:2] for b in first.values() for key in b)
+    assert (3, 5) in shapes and (1, 4) in shapes and len(kernels) == 2  # one plan for the three 3x5 tensors
+    opt.step()
+    assert {id(k): buffers(k) for k in kernels} == first
