@@ -15,7 +15,7 @@ exactly what the core computes. Reductions accumulate in double and may sum in a
 (spec/numerics.md, freedom 1); D3's sum still overflows to infinity where W's would.
 
 Division by a step scalar. A float32 ``sqrt(x) / c`` with ``c`` the same for the whole tensor
-(D7's ``sqrt(fim) / sqrt(b2)``, S's ``sqrt(v) / sqrt(bc2)``) is computed as
+(D7's ``sqrt(fim) / sqrt(b2)``, SAVEUS's ``sqrt(v) / sqrt(bc2)``) is computed as
 ``(float)((double)sqrt(x) * (1.0 / (double)c))``: a multiply instead of a division, which bounds
 these loops on the CPU. It is the correctly rounded float32 quotient, bit for bit, whenever that
 quotient is not subnormal: the double result is within 2**-52 (relative) of x/c, and a quotient
@@ -24,7 +24,7 @@ midpoint has 25 significant bits, so ``x = midpoint * c`` would need more than 2
 round to the same float32; zeros, infinities and NaN come out as IEEE division gives them. A
 positive float32 square root is at least 2**-74.5, so the quotient is subnormal only if |c| >
 2**51: each such loop is emitted twice and the one with divisions runs when a divisor is that
-large (tests/fused/test_reciprocal.py checks the identity and both loops).
+large (tests/adapters/test_fused_reciprocal.py checks the identity and both loops).
 """
 from __future__ import annotations
 
