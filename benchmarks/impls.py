@@ -125,10 +125,15 @@ def _jax():
 JAX_MAX_TENSORS = 150
 
 
+def _within(tensors: int, limit: int, what: str) -> None:
+    """RuntimeError (the row is skipped) when XLA would compile one ``what`` per tensor for too many."""
+    if tensors > limit:
+        raise RuntimeError(f"{tensors} tensors > {limit}: compile time (one {what} per tensor)")
+
+
 def _jax_loop(update, params, grads, state_of, limit=JAX_MAX_TENSORS):
     """Jitted ``(params, state) <- update(params, grads, state)`` with params and state donated."""
-    if len(params) > limit:
-        raise RuntimeError(f"{len(params)} tensors > {limit}: compile time (one step copy per tensor)")
+    _within(len(params), limit, "step copy")
     jax = _jax()
     import jax.numpy as jnp
 
@@ -186,8 +191,7 @@ def jax_grad_copy(name, params, grads, device):
     jax = _jax()
     import jax.numpy as jnp
 
-    if len(grads) > JAX_MAX_TENSORS:
-        raise RuntimeError(f"{len(grads)} tensors > {JAX_MAX_TENSORS}: compile time (one copy per tensor)")
+    _within(len(grads), JAX_MAX_TENSORS, "copy")
     gs = [jnp.asarray(g) for g in grads]
     fn = jax.jit(lambda gs: [jnp.copy(g) for g in gs])
     box = {"out": fn(gs)}

@@ -22,7 +22,7 @@ import sys
 if __package__ in (None, ""):  # `python benchmarks/sweeps.py`
     sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from benchmarks import measure  # noqa: E402
+from benchmarks import impls, measure  # noqa: E402
 from benchmarks.run import machine, versions  # noqa: E402
 
 CACHE_ROWS = 16  # x cols float32 per array: all arrays of the step fit in a core's L2
@@ -81,25 +81,11 @@ def profile(name: str, rows: int, cols: int, rounds: int, threads: int) -> None:
     small = StampedKernel(optimizer, CACHE_ROWS, cols, threads)
     for _ in range(3):  # warm up: state away from zero, pages touched
         big.step()
-    per_sweep, totals = [], []
-    adamw = _adamw(rows, cols)
-
-    class Stamped:
-        def step(self):
-            sweeps = big.step()
-            per_sweep.append(sweeps)
-            totals.append(sum(sweeps))
-
-        def sync(self):
-            return None
-
-    class AdamW:
-        step = staticmethod(adamw)
-
-        def sync(self):
-            return None
-
-    times = measure.interleaved_rounds({"kernel": Stamped(), "adamw": AdamW()}, rounds)
+    per_sweep = []
+    benches = {"kernel": impls.Bench(lambda: per_sweep.append(big.step()), impls._noop),
+               "adamw": impls.Bench(_adamw(rows, cols), impls._noop)}
+    times = measure.interleaved_rounds(benches, rounds)
+    totals = [sum(sweeps) for sweeps in per_sweep]
     in_cache = [small.step() for _ in range(max(rounds, 30) * 20)][20:]
     ratio = measure.median_ratio(times["kernel"], times["adamw"])
     ms = statistics.median(totals) * 1e3

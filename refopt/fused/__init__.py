@@ -42,10 +42,6 @@ class Kernel:
         self.guards = traced.trace.guards
         self.sweeps = program.n_sweeps
         self.row_buffers = program.n_buffers
-        self._fn = getattr(lib, program.name)
-        self._fn.restype = ctypes.c_int
-        self._fn.argtypes = [ctypes.POINTER(ctypes.c_double), ctypes.c_int64, ctypes.c_int64, ctypes.c_int] + \
-            [ctypes.c_void_p] * len(self.inputs)
         self._many = getattr(lib, f"{program.name}_many")
         self._many.restype = ctypes.c_int
         self._many.argtypes = [ctypes.POINTER(ctypes.c_double), ctypes.c_int64, ctypes.POINTER(ctypes.c_int64),
@@ -56,10 +52,7 @@ class Kernel:
         return guards_hold(self.guards, values)
 
     def __call__(self, pointers: dict, rows: int, cols: int, values: dict, threads: int) -> None:
-        args = (ctypes.c_double * max(len(self.params), 1))(*[float(values[p]) for p in self.params])
-        rc = self._fn(args, rows, cols, threads, *[pointers[name] for name in self.inputs])
-        if rc != 0:
-            raise MemoryError("the fused kernel could not allocate its per-row results")
+        self.many([(rows, cols, threads, tuple(pointers[name] for name in self.inputs))], values)
 
     def many(self, tensors: list, values: dict) -> None:
         """Step several tensors with the same run-time values in one call: ``tensors`` holds
@@ -75,8 +68,8 @@ class Kernel:
         table = (ctypes.c_void_p * (count * len(self.inputs)))(*[ptr for t in tensors for ptr in t[3]])
         failed = self._many(args, count, rows, cols, threads, table)
         if failed:
-            raise MemoryError(f"the fused kernel could not allocate its per-row results (tensor {failed - 1} "
-                              f"of {count}; the ones after it were not stepped)")
+            which = f" (tensor {failed - 1} of {count}; the ones after it were not stepped)" if count > 1 else ""
+            raise MemoryError(f"the fused kernel could not allocate its per-row results{which}")
 
 
 def values_of(optimizer, step: int, rows: int, cols: int) -> dict:

@@ -60,6 +60,16 @@ def takes(p, grad, state, buffers) -> bool:
     return True
 
 
+def candidates(params, grads, states, buffers, rest: list):
+    """(index, param, grad, state, ndim, rows, cols) of each parameter a kernel can take; the
+    indices of the others are appended to ``rest``."""
+    for i, (p, grad, st) in enumerate(zip(params, grads, states)):
+        if takes(p, grad, st, buffers):
+            yield (i, p, grad, st, *as_rows(p))
+        else:
+            rest.append(i)
+
+
 def unavailable_reason(device) -> str | None:
     """Why parameters on ``device`` cannot take the fused path here, or None."""
     if _triton.takes_device(device):
@@ -87,16 +97,13 @@ def step(core, params, grads, states, buffers, t: int, lr, threads: int, require
             raise RuntimeError(f"refopt.torch: fused=True, but parameters on {device} cannot be fused here ({reason})")
         return list(range(len(params)))
     if _triton.takes_device(device):
-        return _triton.step(core, params, grads, states, buffers, t, lr, required, takes)
+        return _triton.step(core, params, grads, states, buffers, t, lr, required)
     rest, kernels, batches = [], {}, {}
-    for i, (p, grad, st) in enumerate(zip(params, grads, states)):
-        if not takes(p, grad, st, buffers):
-            rest.append(i)
-            continue
-        ndim, rows, cols = as_rows(p)
+    for i, p, grad, st, ndim, rows, cols in candidates(params, grads, states, buffers, rest):
         key = (min(ndim, 2), p.dtype, rows, cols)
-        kernel = kernels[key] if key in kernels else kernels.setdefault(key, _kernel(core, ndim, p.dtype, rows, cols,
-                                                                                     required))
+        if key not in kernels:  # one lookup per shape and step
+            kernels[key] = _kernel(core, ndim, p.dtype, rows, cols, required)
+        kernel = kernels[key]
         if kernel is None:
             rest.append(i)
             continue

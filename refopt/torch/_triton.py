@@ -38,19 +38,15 @@ def unavailable_reason() -> str | None:
     return None
 
 
-def step(core, params, grads, states, buffers, t: int, lr, required: bool, takes) -> list:
+def step(core, params, grads, states, buffers, t: int, lr, required: bool) -> list:
     """Step every parameter the Triton kernels can take; returns the indices of the others.
     ``lr``: a float, or a 0-d float64 tensor on the parameters' device."""
     from ..fused import gpu
 
-    from ._fused import DTYPES, as_rows
+    from ._fused import DTYPES, candidates
 
     rest, vectors, kernels = [], {}, {}
-    for i, (p, grad, st) in enumerate(zip(params, grads, states)):
-        if not takes(p, grad, st, buffers):
-            rest.append(i)
-            continue
-        ndim, rows, cols = as_rows(p)
+    for i, p, grad, st, ndim, rows, cols in candidates(params, grads, states, buffers, rest):
         tensors = {"param": _flat(p), "grad": _flat(grad), **{k: _flat(st[k]) for k in buffers}}
         kernel = None
         try:
